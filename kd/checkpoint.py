@@ -1,0 +1,208 @@
+"""Checkpoints that cannot be half-written, and resume.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    step_00000450/
+        student.safetensors   student weights (safetensors: loading cannot execute code)
+        state.pt              optimizer, scheduler, scaler, step, data position, RNG states
+                              (read back with torch.load(weights_only=True))
+        config.yaml           the resolved config of the run that wrote it
+        manifest.json         size and sha256 of each file above, kd version, step
+    latest                    name of the newest complete checkpoint
+
+A checkpoint is written into a temporary sibling directory, every file flushed and fsynced,
+then renamed into place; ``latest`` is replaced atomically after that. A crash while saving
+leaves the previous checkpoint intact, and a directory without a valid manifest is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import kd
+from kd.errors import CheckpointError
+
+STUDENT_FILE = "student.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+_PREFIX = "step_"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; keep the usual mode
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict safetensors can store: detached, contiguous, CPU, no shared storage."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        _write_file(tmp, lambda p: save_file(contiguous_state(state), str(p), metadata=metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class CheckpointManager:
+    """Save, list, verify and load checkpoints of one run.
+
+    Example:
+        >>> manager = CheckpointManager("runs/demo/checkpoints", keep=3)  # doctest: +SKIP
+        >>> manager.save(100, student.state_dict(), {"step": 100}, config_yaml)  # doctest: +SKIP
+        >>> manager.load(manager.latest())  # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | Path, keep: int) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"{_PREFIX}{step:08d}"
+
+    def save(self, step: int, student_state: dict[str, torch.Tensor],
+             train_state: dict[str, Any], config_yaml: str) -> Path:
+        """Write checkpoint ``step`` atomically, point ``latest`` at it, prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.path_for(step)
+        tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=f".tmp_{final.name}_"))
+        try:
+            meta = {"kd_version": kd.__version__, "step": str(step)}
+            _write_file(tmp / STUDENT_FILE,
+                        lambda p: save_file(contiguous_state(student_state), str(p), metadata=meta))
+            _write_file(tmp / STATE_FILE, lambda p: torch.save(train_state, p))
+            _write_file(tmp / CONFIG_FILE, lambda p: p.write_text(config_yaml))
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                     for name in (STUDENT_FILE, STATE_FILE, CONFIG_FILE)}
+            manifest = {"kd_version": kd.__version__, "step": step, "files": files}
+            _write_file(tmp / MANIFEST_FILE,
+                        lambda p: p.write_text(json.dumps(manifest, indent=2)))
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 directories
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (e.g. end of a resumed, finished run)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.directory / "latest", final.name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for path in self.list()[:-self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.directory.glob(".tmp_*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints (with a manifest), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.glob(f"{_PREFIX}*")
+                 if p.is_dir() and (p / MANIFEST_FILE).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies; corrupt ones are skipped (newest first)."""
+        pointer = self.directory / "latest"
+        candidates = self.list()[::-1]
+        if pointer.is_file():
+            named = self.directory / pointer.read_text().strip()
+            if named in candidates:  # trust the pointer first, then fall back by step
+                candidates.remove(named)
+                candidates.insert(0, named)
+        for path in candidates:
+            try:
+                verify(path)
+                return path
+            except CheckpointError:
+                continue
+        return None
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check a checkpoint's files against its manifest; return the manifest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a kd checkpoint (no {MANIFEST_FILE}); pass a "
+                              f"checkpoints/step_* directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"{manifest_path} is corrupt") from None
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its "
+                                  f"manifest (size or sha256)")
+    return manifest
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Verify and read a checkpoint: ``(student_state, train_state, config_yaml)``."""
+    path = Path(path)
+    verify(path)
+    student = load_file(str(path / STUDENT_FILE))
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {type(e).__name__}") from None
+    return student, state, (path / CONFIG_FILE).read_text()

@@ -1,0 +1,359 @@
+"""The configuration schema, its merge order and its validation.
+
+One typed tree of dataclasses. Every field carries its documentation in ``metadata["doc"]``; the
+README's configuration reference is generated from it (``kd config --reference``) and a test keeps
+the two in sync.
+
+Merge order: schema defaults ← ``-c preset.yaml`` (only what differs) ← dotted CLI overrides
+(``train.epochs=3 distill.temperature=2``). The defaults describe the embedded digits demo, so
+``kd train`` with no arguments distils a small ViT on scikit-learn's handwritten digits.
+
+Example:
+    >>> from kd.config import load_config
+    >>> cfg = load_config(None, ["train.epochs=2", "distill.loss=hard"])
+    >>> cfg.train.epochs, cfg.distill.loss
+    (2, 'hard')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from kd.errors import ConfigError
+
+
+def _field(default: Any, doc: str) -> Any:
+    """A dataclass field with its documentation; mutable defaults get a factory."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# The demo student and teacher: ViTs on 16x16 one-channel digits, 4x4 patches (16 tokens),
+# average-pooled tokens instead of a class token (a class-token head learns much more slowly
+# at this size; measured in ../shared/NOTES.md).
+_DIGITS_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "global_pool": "avg",
+               "class_token": False}
+DEMO_STUDENT_KWARGS = {**_DIGITS_VIT, "embed_dim": 64, "depth": 2, "num_heads": 4}
+DEMO_TEACHER_KWARGS = {**_DIGITS_VIT, "embed_dim": 96, "depth": 3, "num_heads": 4}
+DEMO_TEACHER_CHECKPOINT = "kd://assets/digits_teacher.safetensors"
+
+
+@dataclass
+class StudentConfig:
+    name: str = _field("vit_tiny_patch16_224", "Any timm model name (`timm.list_models()`).")
+    kwargs: dict[str, Any] = _field(
+        DEMO_STUDENT_KWARGS,
+        "Keyword arguments for `timm.create_model` (img_size, patch_size, embed_dim, depth, "
+        "num_heads, in_chans, ...). `num_classes` comes from `data.num_classes`.",
+    )
+    pretrained: bool = _field(False, "Start from timm / Hugging Face hub weights (needs network).")
+    mean: list[float] | None = _field(
+        None, "Per-channel input mean; null takes the model's pretrained config.")
+    std: list[float] | None = _field(
+        None, "Per-channel input std; null takes the model's pretrained config.")
+
+
+@dataclass
+class TeacherConfig:
+    name: str = _field("vit_tiny_patch16_224", "Any timm model name.")
+    kwargs: dict[str, Any] = _field(DEMO_TEACHER_KWARGS,
+                                    "Keyword arguments for `timm.create_model`.")
+    checkpoint: str | None = _field(
+        DEMO_TEACHER_CHECKPOINT,
+        "Teacher weights: a local `.safetensors` or `.pt`/`.pth` state dict (loaded with "
+        "`weights_only=True`). `kd://` paths point inside the installed package.",
+    )
+    pretrained: bool = _field(
+        False, "Load timm / Hugging Face hub weights (network). Its classifier must already "
+        "have `data.num_classes` outputs: kd never re-initialises a teacher head.")
+    mean: list[float] | None = _field(
+        None, "Teacher input mean; when it differs from the student's, inputs are re-normalised.")
+    std: list[float] | None = _field(None, "Teacher input std; null takes the model's config.")
+
+
+@dataclass
+class DataConfig:
+    name: str = _field("digits", "Dataset: `digits` (ships with scikit-learn), `synthetic`, "
+                       "`imagefolder`.")
+    root: str | None = _field(
+        None, "Dataset root. imagefolder: a folder with `train/` and `val/` class sub-folders.")
+    num_classes: int = _field(10, "Number of classes; teacher and student heads must match it.")
+    image_size: int = _field(16, "Side of the (square) image the student sees, in pixels.")
+    batch_size: int = _field(128, "Images per process per micro-batch.")
+    eval_batch_size: int | None = _field(None, "Evaluation batch size; null: `batch_size`.")
+    num_workers: int = _field(0, "Data-loader worker processes per rank.")
+    augment: bool = _field(True, "Training augmentation (digits: a mild random affine; "
+                           "imagefolder: random resized crop and flip).")
+    synthetic_size: int = _field(1024, "Number of training images of the `synthetic` dataset.")
+
+
+@dataclass
+class DistillConfig:
+    loss: str = _field(
+        "soft",
+        "`none` (labels only), `soft` (Hinton KL), `hard` (teacher argmax), `token` (DeiT "
+        "distillation token) or `dkd` (decoupled KD). loss = (1 - alpha) * loss_task + "
+        "alpha * loss_kd; with `none`, loss = loss_task.",
+    )
+    temperature: float = _field(4.0, "Softmax temperature T for `soft`, `dkd`, `token` (soft).")
+    alpha: float = _field(0.5, "Weight of the distillation term, in [0, 1].")
+    token_loss: str = _field("hard", "With `loss=token`: `hard` (DeiT) or `soft` on the "
+                             "distillation head.")
+    dkd_alpha: float = _field(1.0, "DKD weight of the target-class term (TCKD).")
+    dkd_beta: float = _field(8.0, "DKD weight of the non-target-class term (NCKD).")
+    dkd_warmup_epochs: float = _field(
+        5.0, "DKD term ramps linearly from 0 to full weight over these epochs.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _field("adamw", "Optimizer name for timm's `create_optimizer_v2`.")
+    lr: float = _field(3e-3, "Peak learning rate.")
+    weight_decay: float = _field(0.05, "Decoupled weight decay (not applied to norms and biases).")
+    grad_clip: float | None = _field(None, "Clip the global gradient norm to this; null: off.")
+    kwargs: dict[str, Any] = _field({}, "Extra optimizer arguments (e.g. betas, eps).")
+
+
+@dataclass
+class SchedConfig:
+    name: str = _field("cosine", "timm scheduler (stepped every optimizer step): `cosine`, "
+                       "`tanh`, `poly`, or `none` (constant learning rate).")
+    warmup_epochs: float = _field(5.0, "Linear warm-up length in epochs.")
+    warmup_lr: float = _field(1e-6, "Learning rate at the start of warm-up.")
+    min_lr: float = _field(1e-5, "Learning rate at the end of the schedule.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _field(50, "Passes over the training split.")
+    max_steps: int | None = _field(
+        None, "Stop after this many optimizer steps (the schedule spans them); null: epochs.")
+    precision: str = _field(
+        "auto", "`bf16`, `fp16` (with a gradient scaler) or `fp32` autocast. `auto`: bf16 on "
+        "GPUs that support it, fp32 on CPU (set bf16 for ViT-S-sized models on AMX CPUs).")
+    grad_accum_steps: int = _field(1, "Micro-batches per optimizer step.")
+    label_smoothing: float = _field(0.0, "Label smoothing of the task (cross-entropy) term.")
+    log_every: int = _field(10, "Optimizer steps between log lines / metrics records.")
+    eval_every_epochs: int = _field(10, "Evaluate every N epochs (and always at the end).")
+    device: str = _field("auto", "`auto` (cuda when present), `cpu`, `cuda`.")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _field(1000, "Save every N optimizer steps (and at the end); 0: end only.")
+    keep: int = _field(3, "Checkpoints to keep (oldest deleted first).")
+    resume: str = _field(
+        "auto", "`auto`: resume from the latest checkpoint in `output_dir` if any; `none`: "
+        "start fresh; or a checkpoint directory path.")
+
+
+@dataclass
+class DistConfig:
+    backend: str = _field("auto", "Process-group backend: `auto`, `nccl`, `gloo`.")
+    timeout_s: int = _field(1800, "Process-group timeout in seconds.")
+
+
+@dataclass
+class KDConfig:
+    output_dir: str = _field("runs/demo", "Where config, metrics, checkpoints and summary go.")
+    seed: int = _field(0, "Seed for model init, data order and augmentation.")
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("digits", "synthetic", "imagefolder"),
+    "distill.loss": ("none", "soft", "hard", "token", "dkd"),
+    "distill.token_loss": ("soft", "hard"),
+    "sched.name": ("cosine", "tanh", "poly", "none"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def iter_fields(cls: type = KDConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """All leaf fields of the schema as (dotted key, field), in declaration order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type) or (
+            isinstance(f.type, str) and f.type in _SECTIONS
+        ):
+            out += iter_fields(_SECTIONS[f.type] if isinstance(f.type, str) else f.type, f"{key}.")
+        else:
+            out.append((key, f))
+    return out
+
+
+_SECTIONS = {c.__name__: c for c in (StudentConfig, TeacherConfig, DataConfig, DistillConfig,
+                                    OptimConfig, SchedConfig, TrainConfig, CheckpointConfig,
+                                    DistConfig)}
+
+
+def _closest(key: str) -> str:
+    valid = [k for k, _ in iter_fields()]
+    valid += sorted({k.rpartition(".")[0] for k in valid} - {""})  # section names
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:  # a typo in the last part only: compare leaf names within the section
+        section, _, leaf = key.rpartition(".")
+        leaves = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
+        near = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.5)
+        match = [f"{section}.{near[0]}" if section else near[0]] if near else []
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(f"{source}: unknown config key '{key}'{_closest(key)}") from None
+    except ValidationError as e:
+        raise ConfigError(
+            f"{source}: invalid value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to -c)")
+    try:
+        data = yaml.safe_load(p.read_text())  # safe_load: configs never evaluate code
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value "
+                              f"(e.g. train.epochs=3)")
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command line: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> KDConfig:
+    """Build the run configuration: defaults ← YAML preset ← dotted overrides, then validate.
+
+    Args:
+        path: a YAML preset, or None for the defaults (the digits demo).
+        overrides: ``key=value`` strings with dotted keys, values parsed as YAML.
+
+    Returns:
+        The validated config (an OmegaConf-backed ``KDConfig``).
+
+    Raises:
+        ConfigError: unknown key (with the closest valid key), wrong type or invalid value.
+    """
+    cfg = OmegaConf.structured(KDConfig)
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(path), path)
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(list(overrides)), "command line")
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _check(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for '{key}': {value!r} ({need})")
+
+
+def validate(cfg: Any) -> None:
+    """Check values that types alone cannot (ranges, choices, combinations)."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _check(value in choices, key, value, "choose one of: " + ", ".join(choices))
+    positive = ["data.num_classes", "data.image_size", "data.batch_size", "data.synthetic_size",
+                "train.epochs", "train.grad_accum_steps", "train.log_every",
+                "train.eval_every_epochs", "checkpoint.keep", "dist.timeout_s"]
+    for key in positive:
+        value = OmegaConf.select(cfg, key)
+        _check(value > 0, key, value, "must be > 0")
+    for key in ("train.max_steps", "data.eval_batch_size"):
+        value = OmegaConf.select(cfg, key)
+        _check(value is None or value > 0, key, value, "must be > 0 or null")
+    for key in ("data.num_workers", "checkpoint.every_steps", "optim.weight_decay",
+                "sched.warmup_epochs", "sched.min_lr", "sched.warmup_lr",
+                "distill.dkd_alpha", "distill.dkd_beta", "distill.dkd_warmup_epochs"):
+        value = OmegaConf.select(cfg, key)
+        _check(value >= 0, key, value, "must be >= 0")
+    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    _check(cfg.distill.temperature > 0, "distill.temperature", cfg.distill.temperature,
+           "must be > 0")
+    _check(0.0 <= cfg.distill.alpha <= 1.0, "distill.alpha", cfg.distill.alpha,
+           "must be in [0, 1]")
+    _check(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing",
+           cfg.train.label_smoothing, "must be in [0, 1)")
+    _check(cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, "optim.grad_clip",
+           cfg.optim.grad_clip, "must be > 0 or null")
+    _check(cfg.data.name != "imagefolder" or bool(cfg.data.root), "data.root", cfg.data.root,
+           "imagefolder needs a root folder with train/ and val/")
+    for section in ("student", "teacher"):
+        kwargs = OmegaConf.select(cfg, f"{section}.kwargs")
+        _check("num_classes" not in kwargs, f"{section}.kwargs.num_classes",
+               kwargs.get("num_classes"), "set data.num_classes instead")
+        for stat in ("mean", "std"):
+            value = OmegaConf.select(cfg, f"{section}.{stat}")
+            _check(value is None or len(value) > 0, f"{section}.{stat}", value,
+                   "a list with one value per channel, or null")
+        std = OmegaConf.select(cfg, f"{section}.std")
+        _check(std is None or all(s > 0 for s in std), f"{section}.std", std,
+               "every value must be > 0")
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, as printed by ``kd config`` and saved as config.yaml."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_container(cfg: Any) -> dict:
+    """The config as plain dicts and lists."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def reference_markdown() -> str:
+    """The configuration reference table for the README, generated from the schema."""
+    rows = ["| key | default | description |", "| --- | --- | --- |"]
+    defaults = to_container(OmegaConf.structured(KDConfig))
+    for key, f in iter_fields():
+        value: Any = defaults
+        for part in key.split("."):
+            value = value[part]
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+        shown = shown.removesuffix("\n...").removesuffix("...").strip()
+        doc = f.metadata["doc"]
+        choices = CHOICES.get(key)
+        if choices and "`" not in doc:
+            doc += " One of: " + ", ".join(f"`{c}`" for c in choices) + "."
+        rows.append(f"| `{key}` | `{shown}` | {doc} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,77 @@
+"""Deterministic, resumable, rank-aware batch sampling.
+
+Each epoch's order is a permutation drawn from ``(seed, epoch)`` alone, so every rank computes
+the same one and takes its own slice; resuming at batch ``k`` of an epoch continues with exactly
+the next unseen batch. Every sample also gets an augmentation seed drawn from ``(seed, epoch)``:
+the image a sample yields in an epoch is a pure function of its index and that seed, whichever
+worker, rank or restart produces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+SampleKey = tuple[int, int | None]  # (dataset index, augmentation seed or None for no augmentation)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator behind one epoch's order and augmentation seeds."""
+    # Mix seed and epoch so (seed=0, epoch=1) and (seed=1, epoch=0) differ.
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
+
+
+class TrainBatchSampler(Sampler[list[SampleKey]]):
+    """Shuffled full batches for one rank, resumable mid-epoch.
+
+    Every rank gets the same number of batches (the permutation is cut to a multiple of
+    ``world_size * batch_size``), so collectives stay in lock-step.
+
+    Example:
+        >>> s = TrainBatchSampler(10, batch_size=2, seed=0)
+        >>> s.set_epoch(0, start_batch=1)
+        >>> len(s), len(list(s))
+        (5, 4)
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (including any skipped by a resume)."""
+        return self.size // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch to iterate and the batch to start from."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        g = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(self.size, generator=g)
+        aug_seeds = torch.randint(0, 2**31 - 1, (self.size,), generator=g)
+        usable = len(self) * self.batch_size * self.world_size
+        mine = order[:usable][self.rank::self.world_size].tolist()
+        seeds = aug_seeds.tolist()
+        for b in range(self.start_batch, len(self)):
+            chunk = mine[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(i, seeds[i]) for i in chunk]
+
+
+class EvalBatchSampler(Sampler[list[SampleKey]]):
+    """Every sample exactly once across ranks, in order, unaugmented (no padding, no drops)."""
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, size, world_size))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for b in range(len(self)):
+            yield [(i, None) for i in self.indices[b * self.batch_size:(b + 1) * self.batch_size]]

@@ -1,0 +1,136 @@
+"""One processor for metrics, with pluggable sinks: console, JSONL, TensorBoard.
+
+Only the main process builds sinks; other ranks get a processor with none, so calling it
+anywhere is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("kd")
+
+
+class Sink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per line; flushed at once so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 (open for the run's lifetime)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardSink:
+    """Every numeric value as a scalar, tagged ``train/<key>`` or ``val/<key>``."""
+
+    def __init__(self, directory: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory))
+
+    def write(self, record: dict[str, Any]) -> None:
+        split = record.get("split", "train")
+        for key, value in record.items():
+            if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{split}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ConsoleSink:
+    """A tqdm progress bar on a terminal; plain log lines otherwise (files, CI, schedulers)."""
+
+    def __init__(self, total_steps: int, initial_step: int,
+                 interactive: bool | None = None) -> None:
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.bar = None
+        self.total = total_steps
+        if self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if record.get("split") == "val":
+            msg = (f"eval epoch {record['epoch']} | student top-1 {record['student_top1']:.4f} "
+                   f"top-5 {record['student_top5']:.4f}")
+            if record.get("teacher_top1") is not None:
+                msg += (f" | teacher top-1 {record['teacher_top1']:.4f} | agreement "
+                        f"{record['agreement']:.4f}")
+            self._print(msg)
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}",
+                                 refresh=False)
+            self.bar.update(record["step"] - self.bar.n)
+        else:
+            self._print(f"step {record['step']}/{self.total} | epoch {record['epoch']} | "
+                        f"loss {record['loss']:.4f} (task {record['loss_task']:.4f}, "
+                        f"kd {record['loss_kd']:.4f}) | lr {record['lr']:.2e} | "
+                        f"{record['img_per_s']:.1f} img/s | eta {_eta(record.get('eta_s'))}")
+
+    def _print(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            log.info(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
+
+
+class MetricsProcessor:
+    """Fan records out to sinks; the trainer builds records, sinks format them.
+
+    Example:
+        >>> metrics = MetricsProcessor([])
+        >>> metrics.log({"step": 1, "loss": 0.5})
+    """
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
+
+    def log(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def build_metrics(output_dir: Path, is_main: bool, total_steps: int,
+                  initial_step: int) -> MetricsProcessor:
+    """Console, ``metrics.jsonl`` and TensorBoard (``tb/``) sinks on the main process."""
+    if not is_main:
+        return MetricsProcessor([])
+    return MetricsProcessor([
+        ConsoleSink(total_steps, initial_step),
+        JsonlSink(output_dir / "metrics.jsonl"),
+        TensorBoardSink(output_dir / "tb"),
+    ])

@@ -1,0 +1,47 @@
+"""Optimizer and learning-rate schedule, through timm's factories."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from kd.errors import ConfigError
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> Optimizer:
+    """``timm.optim.create_optimizer_v2`` with the ``optim`` section.
+
+    Weight decay skips biases and normalisation parameters (timm's ``filter_bias_and_bn``).
+    """
+    from timm.optim import create_optimizer_v2
+
+    try:
+        return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   **dict(cfg.kwargs))
+    except (AssertionError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"optim.name/optim.kwargs: timm cannot build optimizer "
+                          f"'{cfg.name}': {msg}") from None
+
+
+def build_scheduler(optimizer: Optimizer, cfg: Any, total_steps: int,
+                    steps_per_epoch: int) -> Any | None:
+    """A per-step schedule spanning ``total_steps``, or None for a constant learning rate.
+
+    timm's factory counts in "epochs"; kd passes optimizer steps as its epochs (one update
+    each), so warm-up and decay are exact even when ``train.max_steps`` cuts an epoch.
+    Call ``scheduler.step_update(step)`` with the number of optimizer steps done.
+    """
+    if cfg.name == "none":
+        return None
+    from timm.scheduler import create_scheduler_v2
+
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    # warmup_prefix: warm up to the peak, then decay over the remaining steps.
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.name, num_epochs=total_steps - warmup_steps,
+        warmup_epochs=warmup_steps, warmup_prefix=True, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1)
+    return scheduler

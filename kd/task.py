@@ -1,0 +1,122 @@
+"""The distillation task: how inputs reach both models and how the loss terms combine.
+
+The trainer calls the steps one by one (so each can be timed and annotated):
+:meth:`DistillationTask.prepare` → :meth:`teacher_forward` → :meth:`student_forward` →
+:meth:`loss`.
+
+How terms combine (``distill.alpha`` = a)::
+
+    none   loss = loss_task                                   (teacher not run in training)
+    soft   loss = (1 - a) * CE(student, y) + a * soft_kd(student, teacher, T)
+    hard   loss = (1 - a) * CE(student, y) + a * hard_kd(student, teacher)
+    dkd    loss = (1 - a) * CE(student, y) + a * w(epoch) * dkd(student, teacher, y)
+           w ramps linearly from 0 to 1 over distill.dkd_warmup_epochs (Zhao et al. 2022, §4)
+    token  loss = (1 - a) * CE(class head, y) + a * {hard_kd|soft_kd}(distillation head, teacher)
+           (DeiT, Touvron et al. 2021; at evaluation both heads are averaged)
+
+``loss_task`` is the cross-entropy with ``train.label_smoothing``; ``loss_kd`` is the
+distillation term before weighting. All three are logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd.errors import ConfigError
+from kd.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
+from kd.models import FrozenTeacher, InputNorm, is_distilled_vit
+
+
+class DistillationTask:
+    """Owns forward passes and loss terms for one student/teacher pair.
+
+    Args:
+        student: the trainable model (possibly wrapped for data parallelism).
+        student_norm: the student's input normalisation.
+        teacher: the frozen teacher, or None (only with ``distill.loss=none``).
+        cfg: the ``distill`` section of the config.
+        label_smoothing: smoothing of the task term.
+        student_core: the unwrapped student (for DeiT checks); defaults to ``student``.
+    """
+
+    def __init__(self, student: nn.Module, student_norm: InputNorm,
+                 teacher: FrozenTeacher | None, cfg: Any, label_smoothing: float = 0.0,
+                 student_core: nn.Module | None = None) -> None:
+        self.student, self.student_norm, self.teacher = student, student_norm, teacher
+        self.cfg, self.label_smoothing = cfg, label_smoothing
+        core = student_core if student_core is not None else student
+        self.student_core = core
+        if cfg.loss != "none" and teacher is None:
+            raise ConfigError(f"distill.loss={cfg.loss} needs a teacher: set teacher.checkpoint "
+                              f"or teacher.pretrained=true (or use distill.loss=none)")
+        if cfg.loss == "token":
+            if not is_distilled_vit(core):
+                raise ConfigError("distill.loss=token needs a student with a distillation token "
+                                  "(a deit_*_distilled_* model)")
+            core.set_distilled_training(True)  # training forward returns (class, dist) logits
+        elif is_distilled_vit(core):
+            core.set_distilled_training(False)
+        self.share_input = teacher is not None and teacher.norm.same_as(student_norm)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training runs the teacher (not for labels-only training)."""
+        return self.cfg.loss != "none"
+
+    def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalise a raw batch for the student and, when its statistics differ, the teacher."""
+        x_student = self.student_norm(images)
+        if not self.uses_teacher:
+            return x_student, None
+        assert self.teacher is not None
+        return x_student, x_student if self.share_input else self.teacher.norm(images)
+
+    def teacher_forward(self, x_teacher: torch.Tensor | None) -> torch.Tensor | None:
+        """Teacher logits without autograd (None when training on labels only)."""
+        if x_teacher is None or self.teacher is None:
+            return None
+        return self.teacher(x_teacher)
+
+    def student_forward(self, x_student: torch.Tensor) -> Any:
+        """Student logits, or ``(class_logits, dist_logits)`` for a DeiT student with token KD."""
+        return self.student(x_student)
+
+    def loss(self, student_out: Any, teacher_logits: torch.Tensor | None,
+             targets: torch.Tensor, epoch: float) -> dict[str, torch.Tensor]:
+        """Named loss terms: ``loss`` (to minimise), ``loss_task``, ``loss_kd``; all fp32."""
+        cfg = self.cfg
+        if isinstance(student_out, tuple):
+            logits, kd_logits = student_out
+        else:
+            logits = kd_logits = student_out
+        loss_task = soft_target_cross_entropy(logits, targets, self.label_smoothing)
+        if cfg.loss == "none" or teacher_logits is None:
+            return {"loss": loss_task, "loss_task": loss_task,
+                    "loss_kd": torch.zeros_like(loss_task)}
+        weight = 1.0
+        if cfg.loss == "soft" or (cfg.loss == "token" and cfg.token_loss == "soft"):
+            loss_kd = soft_kd(kd_logits, teacher_logits, cfg.temperature)
+        elif cfg.loss in ("hard", "token"):
+            loss_kd = hard_kd(kd_logits, teacher_logits)
+        else:  # dkd
+            loss_kd = dkd(kd_logits, teacher_logits, targets, cfg.dkd_alpha, cfg.dkd_beta,
+                          cfg.temperature)
+            if cfg.dkd_warmup_epochs > 0:
+                weight = min(epoch / cfg.dkd_warmup_epochs, 1.0)
+        loss = (1.0 - cfg.alpha) * loss_task + cfg.alpha * weight * loss_kd
+        return {"loss": loss, "loss_task": loss_task, "loss_kd": loss_kd}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Evaluation logits of the student (DeiT heads averaged) and the teacher, if any."""
+        x_student = self.student_norm(images)
+        s = self.student_core(x_student)
+        if isinstance(s, tuple):  # a distilled model in train mode; eval mode already averages
+            s = (s[0] + s[1]) / 2
+        t = None
+        if self.teacher is not None:
+            t = self.teacher(x_student if self.share_input else self.teacher.norm(images))
+        return s, t

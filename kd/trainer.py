@@ -1,0 +1,414 @@
+"""The training loop: a ``Trainer`` whose steps are named after what they do.
+
+Building happens once, in a fixed order: device and distributed → data → models → task →
+optimizer → checkpoint (resume) → metrics. A training step is
+data → teacher forward → student forward → loss → backward → optimizer, each timed and wrapped
+in a ``torch.profiler.record_function`` range of that name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kd import checkpoint as ckpt
+from kd.config import to_yaml
+from kd.data import build_eval_loader, build_train_loader
+from kd.data.datasets import build_dataset
+from kd.dist import DistInfo, all_reduce_sum, init_distributed
+from kd.errors import ConfigError, DataError, UserError
+from kd.metrics import build_metrics
+from kd.models import build_input_norm, build_student, build_teacher
+from kd.optim import build_optimizer, build_scheduler
+from kd.task import DistillationTask
+
+log = logging.getLogger("kd")
+
+PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
+# metrics.jsonl names of the per-step phase times (seconds per optimizer step).
+PHASE_KEYS = {"data": "t_data", "teacher_forward": "t_teacher", "student_forward": "t_student_fwd",
+              "loss": "t_loss", "backward": "t_backward", "optimizer": "t_optim"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 on GPUs that support it (else fp16), fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class PhaseTimer:
+    """Per-phase seconds, accumulated between log steps without host synchronisation.
+
+    On CUDA, phases are timed with events read only at :meth:`flush` (a log step); the data phase
+    is host time spent waiting for the loader. On CPU, kernels are synchronous and wall time is
+    exact.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.pending: list[tuple[str, Any, Any]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str, host: bool = False) -> Iterator[None]:
+        with torch.profiler.record_function(name):
+            if self.cuda and not host:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+                self.pending.append((name, start, end))
+            else:
+                t0 = time.perf_counter()
+                yield
+                self.totals[name] += time.perf_counter() - t0
+
+    def flush(self) -> dict[str, float]:
+        """Seconds per phase since the last flush (synchronises the GPU once)."""
+        if self.pending:
+            torch.cuda.synchronize()
+            for name, start, end in self.pending:
+                self.totals[name] += start.elapsed_time(end) / 1000.0
+            self.pending.clear()
+        out, self.totals = self.totals, dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """Distils ``cfg.teacher`` into ``cfg.student``; see :func:`Trainer.train`.
+
+    Example:
+        >>> from kd.config import load_config
+        >>> trainer = Trainer(load_config(None, ["train.max_steps=20"]))  # doctest: +SKIP
+        >>> summary = trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        tc = cfg.train
+        # 1. Device and process group.
+        self.dist: DistInfo = init_distributed(cfg.dist, tc.device)
+        self.device = self.dist.device
+        self.precision = resolve_precision(tc.precision, self.device)
+        self.autocast_dtype = DTYPES.get(self.precision)
+        # 2. Data.
+        self._build_data(cfg.data, cfg.student.kwargs.get("in_chans", 3))
+        # 3. Models: the same seed on every rank gives the same student initialisation.
+        torch.manual_seed(cfg.seed)
+        student = build_student(cfg.student, cfg.data.num_classes)
+        self.student_norm = build_input_norm(student, cfg.student.mean, cfg.student.std,
+                                             "student").to(self.device)
+        teacher = build_teacher(cfg.teacher, cfg.data.num_classes)
+        self._check_models(student, teacher)
+        self.student_core = student.to(self.device).train()
+        self.teacher = teacher.to(self.device) if teacher is not None else None
+        self.student: nn.Module = self.student_core
+        if self.dist.is_distributed:  # only the student is wrapped; the teacher stays a replica
+            self.student = DistributedDataParallel(
+                self.student_core, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
+        # 4. Task: forward passes and loss terms.
+        self.task = DistillationTask(self.student, self.student_norm, self.teacher, cfg.distill,
+                                     tc.label_smoothing, student_core=self.student_core)
+        # 5. Optimizer, schedule, gradient scaler.
+        self.optimizer = build_optimizer(self.student_core, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps,
+                                         self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        # 6. Checkpoints and resume.
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints",
+                                                  cfg.checkpoint.keep)
+        self.step = 0
+        self._saved_step = -1  # step of the newest checkpoint this process wrote
+        self._last_eval: dict[str, Any] = {}
+        self._maybe_resume(cfg.checkpoint.resume)
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.step)
+        self.timer = PhaseTimer(self.device)
+
+    # ----------------------------------------------------------------------------- building
+    def _build_data(self, dc: Any, channels: int) -> None:
+        common = dict(root=dc.root, image_size=dc.image_size, num_classes=dc.num_classes,
+                      augment=dc.augment, channels=channels, synthetic_size=dc.synthetic_size)
+        self.train_set = build_dataset(dc.name, "train", **common)
+        self.val_set = build_dataset(dc.name, "val", **common)
+        pin = self.device.type == "cuda"
+        r, w = self.dist.rank, self.dist.world_size
+        self.train_loader = build_train_loader(self.train_set, dc.batch_size, self.cfg.seed, r, w,
+                                               dc.num_workers, pin)
+        self.val_loader = build_eval_loader(self.val_set, dc.eval_batch_size or dc.batch_size,
+                                            r, w, dc.num_workers, pin)
+        accum = self.cfg.train.grad_accum_steps
+        self.steps_per_epoch = len(self.train_loader.batch_sampler) // accum
+        if self.steps_per_epoch == 0:
+            need = dc.batch_size * w * accum
+            raise DataError(f"the training split has {len(self.train_set)} images, fewer than "
+                            f"one optimizer step needs ({need} = data.batch_size × processes × "
+                            f"train.grad_accum_steps); lower data.batch_size")
+        epoch_steps = self.cfg.train.epochs * self.steps_per_epoch
+        max_steps = self.cfg.train.max_steps
+        self.total_steps = min(epoch_steps, max_steps) if max_steps else epoch_steps
+
+    def _check_models(self, student: nn.Module, teacher: Any) -> None:
+        """Fail before training, with the config key to fix, if a model cannot take the data."""
+        image, _ = self.train_set[0]
+        for section, model, norm in (("student", student, self.student_norm),
+                                     ("teacher", teacher.model if teacher else None,
+                                      teacher.norm if teacher else None)):
+            if model is None:
+                continue
+            was_training = model.training
+            try:
+                with torch.no_grad():
+                    model.eval()(norm(image[None]))
+            except Exception as e:  # shape errors surface as many exception types
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConfigError(
+                    f"{section}.kwargs: {section} {getattr(self.cfg, section).name} cannot take "
+                    f"{tuple(image.shape)} images (data.image_size={self.cfg.data.image_size}): "
+                    f"{msg}") from None
+            finally:
+                model.train(was_training)
+
+    def _maybe_resume(self, resume: str) -> None:
+        if resume == "none":
+            return
+        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        student_state, state, _ = ckpt.load(path)
+        try:
+            self.student_core.load_state_dict(student_state)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {path} does not match this config's student or "
+                            f"optimizer: {str(e).splitlines()[0]}") from None
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            _set_rng_state(rng[self.dist.rank])
+        self.step = self._saved_step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------------------- training
+    def train(self) -> dict[str, Any]:
+        """Train to ``total_steps``, evaluating and checkpointing on the way.
+
+        Returns:
+            The summary also written to ``summary.json``.
+        """
+        cfg = self.cfg
+        if self.dist.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                ckpt.atomic_write_text(self.output_dir / "config.yaml", to_yaml(cfg))
+            except OSError as e:
+                raise UserError(f"output_dir {cfg.output_dir} is not writable: "
+                                f"{e.strerror}") from None
+        metrics = build_metrics(self.output_dir, self.dist.is_main, self.total_steps, self.step)
+        t_start = time.perf_counter()
+        train_time, train_images = 0.0, 0
+        images_per_step = (cfg.data.batch_size * cfg.train.grad_accum_steps
+                           * self.dist.world_size)
+        sums = torch.zeros(3, device=self.device)  # loss, loss_task, loss_kd since the last log
+        interval_start, interval_steps = time.perf_counter(), 0
+        sampler = self.train_loader.batch_sampler
+        try:
+            while self.step < self.total_steps:
+                epoch, done = divmod(self.step, self.steps_per_epoch)
+                sampler.set_epoch(epoch, start_batch=done * cfg.train.grad_accum_steps)
+                batches = iter(self.train_loader)
+                n = min(self.steps_per_epoch - done, self.total_steps - self.step)
+                for _ in range(n):
+                    terms = self.train_step(batches, epoch_float=self.step / self.steps_per_epoch)
+                    sums += torch.stack([terms["loss"], terms["loss_task"], terms["loss_kd"]])
+                    self.step += 1
+                    interval_steps += 1
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - interval_start
+                        train_time += elapsed
+                        train_images += interval_steps * images_per_step
+                        metrics.log(self._train_record(sums, interval_steps, elapsed,
+                                                       images_per_step))
+                        sums.zero_()
+                        interval_start, interval_steps = time.perf_counter(), 0
+                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                        self.save_checkpoint()
+                        interval_start = time.perf_counter()  # saving is not training time
+                epoch_done = self.step % self.steps_per_epoch == 0
+                if epoch_done and (epoch + 1) % cfg.train.eval_every_epochs == 0:
+                    metrics.log(self.evaluate(epoch + 1))
+                    interval_start = time.perf_counter()
+            if interval_steps:  # steps since the last log line (max_steps not on a log step)
+                train_time += time.perf_counter() - interval_start
+                train_images += interval_steps * images_per_step
+            if self._last_eval.get("step") != self.step:
+                metrics.log(self.evaluate(-(-self.step // self.steps_per_epoch)))
+            if self._saved_step != self.step:
+                self.save_checkpoint()
+        finally:
+            metrics.close()
+        final = self._last_eval
+        summary = {
+            "student_top1": final["student_top1"], "student_top5": final["student_top5"],
+            "teacher_top1": final["teacher_top1"], "agreement": final["agreement"],
+            "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
+            "wall_s": round(time.perf_counter() - t_start, 3),
+            "img_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
+            "world_size": self.dist.world_size, "precision": self.precision,
+            "output_dir": str(self.output_dir),
+        }
+        if self.dist.is_main:
+            ckpt.save_weights(self.output_dir / "student.safetensors",
+                              self.student_core.state_dict(),
+                              {"name": cfg.student.name, "step": str(self.step)})
+            ckpt.atomic_write_text(self.output_dir / "summary.json",
+                                   json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def train_step(self, batches: Iterator, epoch_float: float) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``train.grad_accum_steps`` micro-batches; returns the mean loss
+        terms as detached device tensors (no host synchronisation)."""
+        accum = self.cfg.train.grad_accum_steps
+        timer, task = self.timer, self.task
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            with timer.phase("data", host=True):
+                images, targets = next(batches)
+                images = images.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                x_student, x_teacher = task.prepare(images)
+            sync = micro == accum - 1 or not isinstance(self.student, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.student.no_sync():
+                with self._autocast():
+                    with timer.phase("teacher_forward"):
+                        teacher_logits = task.teacher_forward(x_teacher)
+                    with timer.phase("student_forward"):
+                        student_out = task.student_forward(x_student)
+                    with timer.phase("loss"):
+                        terms = task.loss(student_out, teacher_logits, targets, epoch_float)
+                with timer.phase("backward"):
+                    self.scaler.scale(terms["loss"] / accum).backward()
+            for k, v in terms.items():
+                totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
+        with timer.phase("optimizer"):
+            self.optimizer_step()
+        return totals
+
+    def optimizer_step(self) -> None:
+        """Unscale, clip, step, zero gradients, advance the schedule."""
+        clip = self.cfg.optim.grad_clip
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student_core.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.step + 1)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _train_record(self, sums: torch.Tensor, steps: int, elapsed: float,
+                      images_per_step: int) -> dict[str, Any]:
+        """A metrics record for a log step; the only place training synchronises with the host."""
+        times = self.timer.flush()
+        values = torch.cat([sums / steps, torch.tensor([times[p] / steps for p in PHASES],
+                                                       device=sums.device)])
+        values = all_reduce_sum(values) / self.dist.world_size  # mean over ranks
+        v = values.tolist()
+        img_per_s = steps * images_per_step / elapsed if elapsed > 0 else 0.0
+        record: dict[str, Any] = {
+            "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+            "loss": v[0], "loss_task": v[1], "loss_kd": v[2],
+            "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
+        }
+        record.update({PHASE_KEYS[p]: v[3 + i] for i, p in enumerate(PHASES)})
+        record["eta_s"] = (self.total_steps - self.step) * elapsed / steps
+        return record
+
+    # --------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """Student top-1/top-5, teacher top-1 and student–teacher top-1 agreement on val."""
+        self.student_core.eval()
+        k = min(5, self.cfg.data.num_classes)
+        counts = torch.zeros(5, device=self.device)  # n, student top1, top5, teacher top1, agree
+        try:
+            for images, targets in self.val_loader:
+                images = images.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                with self._autocast():
+                    s, t = self.task.predict(images)
+                top = s.float().topk(k, dim=-1).indices
+                counts[0] += targets.numel()
+                counts[1] += (top[:, 0] == targets).sum()
+                counts[2] += (top == targets[:, None]).any(dim=-1).sum()
+                if t is not None:
+                    t1 = t.float().argmax(-1)
+                    counts[3] += (t1 == targets).sum()
+                    counts[4] += (t1 == top[:, 0]).sum()
+        finally:
+            self.student_core.train()
+        n, s1, s5, t1, agree = all_reduce_sum(counts).tolist()
+        has_teacher = self.teacher is not None
+        record = {"split": "val", "step": self.step, "epoch": epoch,
+                  "student_top1": s1 / n, "student_top5": s5 / n,
+                  "teacher_top1": t1 / n if has_teacher else None,
+                  "agreement": agree / n if has_teacher else None}
+        self._last_eval = record
+        return record
+
+    # --------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Every rank takes part (RNG states are gathered); rank 0 writes."""
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "scaler": self.scaler.state_dict(), "rng": [_rng_state()]}
+        if self.dist.is_distributed:
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, state["rng"][0])
+            state["rng"] = gathered
+        path = None
+        if self.dist.is_main:
+            path = self.checkpoints.save(self.step, self.student_core.state_dict(), state,
+                                         to_yaml(self.cfg))
+        self._saved_step = self.step
+        return path
