@@ -5,14 +5,16 @@ README's configuration reference is generated from it (``kd config --reference``
 the two in sync.
 
 Merge order: schema defaults ← ``-c preset.yaml`` (only what differs) ← dotted CLI overrides
-(``train.epochs=3 distill.temperature=2``). The defaults describe the embedded digits demo, so
-``kd train`` with no arguments distils a small ViT on scikit-learn's handwritten digits.
+(``train.epochs=3 distill.temperature=2``). A preset may start from another with
+``_base_: other.yaml`` (relative to the preset, or ``kd://`` inside the package). The schema's
+defaults suit an ImageNet-style job; the ``kd`` command uses the embedded digits demo preset
+(:data:`DEMO_PRESET`) when no ``-c`` is given.
 
 Example:
     >>> from kd.config import load_config
-    >>> cfg = load_config(None, ["train.epochs=2", "distill.loss=hard"])
-    >>> cfg.train.epochs, cfg.distill.loss
-    (2, 'hard')
+    >>> cfg = load_config(DEMO_PRESET, ["train.epochs=2", "distill.loss=hard"])
+    >>> cfg.data.name, cfg.train.epochs, cfg.distill.loss
+    ('digits', 2, 'hard')
 """
 
 from __future__ import annotations
@@ -37,21 +39,14 @@ def _field(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
-# The demo student and teacher: ViTs on 16x16 one-channel digits, 4x4 patches (16 tokens),
-# average-pooled tokens instead of a class token (a class-token head learns much more slowly
-# at this size; measured in ../shared/NOTES.md).
-_DIGITS_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "global_pool": "avg",
-               "class_token": False}
-DEMO_STUDENT_KWARGS = {**_DIGITS_VIT, "embed_dim": 64, "depth": 2, "num_heads": 4}
-DEMO_TEACHER_KWARGS = {**_DIGITS_VIT, "embed_dim": 96, "depth": 3, "num_heads": 4}
-DEMO_TEACHER_CHECKPOINT = "kd://assets/digits_teacher.safetensors"
+DEMO_PRESET = "kd://presets/demo.yaml"
 
 
 @dataclass
 class StudentConfig:
     name: str = _field("vit_tiny_patch16_224", "Any timm model name (`timm.list_models()`).")
     kwargs: dict[str, Any] = _field(
-        DEMO_STUDENT_KWARGS,
+        {},
         "Keyword arguments for `timm.create_model` (img_size, patch_size, embed_dim, depth, "
         "num_heads, in_chans, ...). `num_classes` comes from `data.num_classes`.",
     )
@@ -64,11 +59,10 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    name: str = _field("vit_tiny_patch16_224", "Any timm model name.")
-    kwargs: dict[str, Any] = _field(DEMO_TEACHER_KWARGS,
-                                    "Keyword arguments for `timm.create_model`.")
+    name: str = _field("vit_small_patch16_224", "Any timm model name.")
+    kwargs: dict[str, Any] = _field({}, "Keyword arguments for `timm.create_model`.")
     checkpoint: str | None = _field(
-        DEMO_TEACHER_CHECKPOINT,
+        None,
         "Teacher weights: a local `.safetensors` or `.pt`/`.pth` state dict (loaded with "
         "`weights_only=True`). `kd://` paths point inside the installed package.",
     )
@@ -82,15 +76,15 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _field("digits", "Dataset: `digits` (ships with scikit-learn), `synthetic`, "
+    name: str = _field("imagefolder", "Dataset: `digits` (ships with scikit-learn), `synthetic`, "
                        "`imagefolder`.")
     root: str | None = _field(
         None, "Dataset root. imagefolder: a folder with `train/` and `val/` class sub-folders.")
-    num_classes: int = _field(10, "Number of classes; teacher and student heads must match it.")
-    image_size: int = _field(16, "Side of the (square) image the student sees, in pixels.")
+    num_classes: int = _field(1000, "Number of classes; teacher and student heads must match it.")
+    image_size: int = _field(224, "Side of the (square) image the student sees, in pixels.")
     batch_size: int = _field(128, "Images per process per micro-batch.")
     eval_batch_size: int | None = _field(None, "Evaluation batch size; null: `batch_size`.")
-    num_workers: int = _field(0, "Data-loader worker processes per rank.")
+    num_workers: int = _field(4, "Data-loader worker processes per rank.")
     augment: bool = _field(True, "Training augmentation (digits: a mild random affine; "
                            "imagefolder: random resized crop and flip).")
     synthetic_size: int = _field(1024, "Number of training images of the `synthetic` dataset.")
@@ -104,7 +98,7 @@ class DistillConfig:
         "distillation token) or `dkd` (decoupled KD). loss = (1 - alpha) * loss_task + "
         "alpha * loss_kd; with `none`, loss = loss_task.",
     )
-    temperature: float = _field(4.0, "Softmax temperature T for `soft`, `dkd`, `token` (soft).")
+    temperature: float = _field(1.0, "Softmax temperature T for `soft`, `dkd`, `token` (soft).")
     alpha: float = _field(0.5, "Weight of the distillation term, in [0, 1].")
     token_loss: str = _field("hard", "With `loss=token`: `hard` (DeiT) or `soft` on the "
                              "distillation head.")
@@ -117,7 +111,7 @@ class DistillConfig:
 @dataclass
 class OptimConfig:
     name: str = _field("adamw", "Optimizer name for timm's `create_optimizer_v2`.")
-    lr: float = _field(3e-3, "Peak learning rate.")
+    lr: float = _field(1e-3, "Peak learning rate.")
     weight_decay: float = _field(0.05, "Decoupled weight decay (not applied to norms and biases).")
     grad_clip: float | None = _field(None, "Clip the global gradient norm to this; null: off.")
     kwargs: dict[str, Any] = _field({}, "Extra optimizer arguments (e.g. betas, eps).")
@@ -134,7 +128,7 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _field(50, "Passes over the training split.")
+    epochs: int = _field(300, "Passes over the training split.")
     max_steps: int | None = _field(
         None, "Stop after this many optimizer steps (the schedule spans them); null: epochs.")
     precision: str = _field(
@@ -142,8 +136,8 @@ class TrainConfig:
         "GPUs that support it, fp32 on CPU (set bf16 for ViT-S-sized models on AMX CPUs).")
     grad_accum_steps: int = _field(1, "Micro-batches per optimizer step.")
     label_smoothing: float = _field(0.0, "Label smoothing of the task (cross-entropy) term.")
-    log_every: int = _field(10, "Optimizer steps between log lines / metrics records.")
-    eval_every_epochs: int = _field(10, "Evaluate every N epochs (and always at the end).")
+    log_every: int = _field(50, "Optimizer steps between log lines / metrics records.")
+    eval_every_epochs: int = _field(1, "Evaluate every N epochs (and always at the end).")
     device: str = _field("auto", "`auto` (cuda when present), `cpu`, `cuda`.")
 
 
@@ -164,7 +158,7 @@ class DistConfig:
 
 @dataclass
 class KDConfig:
-    output_dir: str = _field("runs/demo", "Where config, metrics, checkpoints and summary go.")
+    output_dir: str = _field("runs/kd", "Where config, metrics, checkpoints and summary go.")
     seed: int = _field(0, "Seed for model init, data order and augmentation.")
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -232,10 +226,20 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
 
 
-def _read_yaml(path: str) -> Any:
-    p = Path(path)
+def _resolve(path: str, relative_to: Path | None = None) -> Path:
+    if path.startswith("kd://"):
+        return Path(__file__).resolve().parent / path.removeprefix("kd://")
+    p = Path(path).expanduser()
+    return relative_to / p if relative_to is not None and not p.is_absolute() else p
+
+
+def _read_yaml(path: str, relative_to: Path | None = None, seen: tuple[Path, ...] = ()) -> Any:
+    """Read a preset, merging the ``_base_`` chain it names (base first)."""
+    p = _resolve(path, relative_to)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path} (pass an existing YAML file to -c)")
+    if p.resolve() in seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
     try:
         data = yaml.safe_load(p.read_text())  # safe_load: configs never evaluate code
     except yaml.YAMLError as e:
@@ -246,7 +250,14 @@ def _read_yaml(path: str) -> Any:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return data
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: _base_ must be one file path")
+    merged = OmegaConf.merge(OmegaConf.create(_read_yaml(base, p.parent, (*seen, p.resolve()))),
+                             OmegaConf.create(data))
+    return OmegaConf.to_container(merged)
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
@@ -265,7 +276,8 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     """Build the run configuration: defaults ← YAML preset ← dotted overrides, then validate.
 
     Args:
-        path: a YAML preset, or None for the defaults (the digits demo).
+        path: a YAML preset (``kd://`` for presets inside the package), or None for the
+            schema's defaults.
         overrides: ``key=value`` strings with dotted keys, values parsed as YAML.
 
     Returns:

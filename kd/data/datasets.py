@@ -107,7 +107,7 @@ class SyntheticDataset(KeyedDataset):
         label = index % self.num_classes
         g = torch.Generator().manual_seed(index + self.offset if seed is None else seed)
         noise = torch.rand(self.patterns.shape[1:], generator=g)
-        return (0.6 * self.patterns[label] + 0.4 * noise), label
+        return (0.3 * self.patterns[label] + 0.7 * noise), label
 
 
 class ImageFolderDataset(KeyedDataset):

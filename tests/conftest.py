@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny teacher checkpoint made once per session, and CLI helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def run_kd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real ``kd`` CLI in a subprocess (as a user would) and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kd.cli", *args], cwd=cwd or ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A teacher for configs/tiny.yaml, trained on labels for a few seconds; its weights path."""
+    from kd.config import load_config
+    from kd.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    cfg = load_config(TINY, [f"output_dir={out}", "distill.loss=none", "teacher.checkpoint=null",
+                             "student.kwargs.embed_dim=48", "train.epochs=6",
+                             "checkpoint.every_steps=0"])
+    Trainer(cfg).train()
+    return str(out / "student.safetensors")
+
+
+@pytest.fixture
+def tiny_args(tiny_teacher: str, tmp_path: Path) -> list[str]:
+    """CLI arguments for a tiny distillation run writing into a fresh directory."""
+    return ["-c", TINY, f"teacher.checkpoint={tiny_teacher}", f"output_dir={tmp_path / 'run'}"]
