@@ -59,6 +59,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_file(path: Path, write: Callable[[Path], None]) -> None:
     write(path)
+    os.chmod(path, 0o666 & ~_UMASK)  # safetensors creates 0600 files; keep the usual mode
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

@@ -115,6 +115,9 @@ class OptimConfig:
     weight_decay: float = _field(0.05, "Decoupled weight decay (not applied to norms and biases).")
     grad_clip: float | None = _field(None, "Clip the global gradient norm to this; null: off.")
     kwargs: dict[str, Any] = _field({}, "Extra optimizer arguments (e.g. betas, eps).")
+    zero: bool = _field(
+        False, "Shard optimizer state across ranks with PyTorch's ZeroRedundancyOptimizer (same "
+        "optimizer class and parameter groups); no effect in a single process.")
 
 
 @dataclass
@@ -152,7 +155,9 @@ class CheckpointConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = _field("auto", "Process-group backend: `auto`, `nccl`, `gloo`.")
+    backend: str = _field(
+        "auto", "Process-group backend. `auto`: `smddp` when SageMaker's data-parallel library "
+        "imports on GPUs, else `nccl` on GPUs, `gloo` on CPUs.")
     timeout_s: int = _field(1800, "Process-group timeout in seconds.")
 
 
@@ -178,7 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sched.name": ("cosine", "tanh", "poly", "none"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
-    "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.backend": ("auto", "nccl", "gloo", "smddp"),
 }
 
 
@@ -199,6 +204,8 @@ def iter_fields(cls: type = KDConfig, prefix: str = "") -> list[tuple[str, datac
 _SECTIONS = {c.__name__: c for c in (StudentConfig, TeacherConfig, DataConfig, DistillConfig,
                                     OptimConfig, SchedConfig, TrainConfig, CheckpointConfig,
                                     DistConfig)}
+_SECTION_KEYS = {f.name for f in dataclasses.fields(KDConfig)
+                 if f.type in _SECTIONS or f.type in _SECTIONS.values()}
 
 
 def _closest(key: str) -> str:
@@ -213,6 +220,16 @@ def _closest(key: str) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def _section_given_a_value(other: Any) -> str | None:
+    """The first top-level key of ``other`` that names a section but holds a plain value."""
+    if not isinstance(other, (dict, DictConfig)):
+        return None
+    for key in other:
+        if key in _SECTION_KEYS and not isinstance(other[key], (dict, DictConfig)):
+            return str(key)
+    return None
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -220,8 +237,13 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         key = e.full_key or str(e.key)
         raise ConfigError(f"{source}: unknown config key '{key}'{_closest(key)}") from None
     except ValidationError as e:
-        raise ConfigError(
-            f"{source}: invalid value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+        section = _section_given_a_value(other)
+        if not e.full_key and section:  # e.g. `train=3`: OmegaConf names neither key nor msg
+            example = next(k for k, _ in iter_fields() if k.startswith(f"{section}."))
+            raise ConfigError(f"{source}: '{section}' is a section, not a value; set its keys "
+                              f"(e.g. {example}=...)") from None
+        msg = (e.msg or str(e)).splitlines()[0]
+        raise ConfigError(f"{source}: invalid value for '{e.full_key or '?'}': {msg}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
 

@@ -129,7 +129,8 @@ def load_weights(model: nn.Module, path: str, section: str, num_classes: int) ->
     state = load_state_dict(path)
     own = model.state_dict()
     head = getattr(model, "get_classifier", lambda: None)()
-    head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head}
+    heads = head if isinstance(head, tuple) else (head,)  # DeiT: (head, head_dist)
+    head_keys = {f"{n}.weight" for n, m in model.named_modules() if any(m is h for h in heads)}
     for key in head_keys & state.keys():
         if state[key].shape[0] != num_classes:
             raise CheckpointError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -10,20 +11,47 @@ from torch.optim import Optimizer
 from kd.errors import ConfigError
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> Optimizer:
-    """``timm.optim.create_optimizer_v2`` with the ``optim`` section.
+def build_optimizer(model: nn.Module, cfg: Any, world_size: int = 1) -> Optimizer:
+    """``timm.optim.create_optimizer_v2`` with the ``optim`` section, sharded when asked.
 
     Weight decay skips biases and normalisation parameters (timm's ``filter_bias_and_bn``).
+    With ``cfg.zero`` and several ranks, the same optimizer class and parameter groups are
+    wrapped in :class:`~torch.distributed.optim.ZeroRedundancyOptimizer`, so each rank keeps
+    the state of only its share of the parameters.
     """
     from timm.optim import create_optimizer_v2
 
     try:
-        return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                   **dict(cfg.kwargs))
+        optimizer = create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr,
+                                        weight_decay=cfg.weight_decay, **dict(cfg.kwargs))
     except (AssertionError, ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"optim.name/optim.kwargs: timm cannot build optimizer "
                           f"'{cfg.name}': {msg}") from None
+    if not (cfg.zero and world_size > 1):
+        return optimizer
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    groups = [dict(g) for g in optimizer.param_groups]
+    # `defaults` can hold keys the constructor does not take (AdamW's decoupled_weight_decay).
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), **defaults)
+
+
+def optimizer_state_dict(optimizer: Optimizer) -> dict[str, Any] | None:
+    """The full optimizer state on rank 0 (None elsewhere); every rank must call it.
+
+    A sharded optimizer is consolidated first. The result has the layout of the unsharded
+    optimizer's state dict, so it loads at any world size, with or without sharding.
+    """
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if dist.get_rank() == 0 else None
+    return optimizer.state_dict()
 
 
 def build_scheduler(optimizer: Optimizer, cfg: Any, total_steps: int,

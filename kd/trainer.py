@@ -30,7 +30,7 @@ from kd.dist import DistInfo, all_reduce_sum, init_distributed
 from kd.errors import ConfigError, DataError, UserError
 from kd.metrics import build_metrics
 from kd.models import build_input_norm, build_student, build_teacher
-from kd.optim import build_optimizer, build_scheduler
+from kd.optim import build_optimizer, build_scheduler, optimizer_state_dict
 from kd.task import DistillationTask
 
 log = logging.getLogger("kd")
@@ -142,7 +142,7 @@ class Trainer:
         self.task = DistillationTask(self.student, self.student_norm, self.teacher, cfg.distill,
                                      tc.label_smoothing, student_core=self.student_core)
         # 5. Optimizer, schedule, gradient scaler.
-        self.optimizer = build_optimizer(self.student_core, cfg.optim)
+        self.optimizer = build_optimizer(self.student_core, cfg.optim, self.dist.world_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps,
                                          self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -177,6 +177,7 @@ class Trainer:
             raise DataError(f"the training split has {len(self.train_set)} images, fewer than "
                             f"one optimizer step needs ({need} = data.batch_size × processes × "
                             f"train.grad_accum_steps); lower data.batch_size")
+        self.global_batch = dc.batch_size * w * accum  # images per optimizer step, all ranks
         epoch_steps = self.cfg.train.epochs * self.steps_per_epoch
         max_steps = self.cfg.train.max_steps
         self.total_steps = min(epoch_steps, max_steps) if max_steps else epoch_steps
@@ -206,9 +207,18 @@ class Trainer:
         if resume == "none":
             return
         path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if self.dist.is_distributed:  # rank 0 decides, so every rank resumes from the same one
+            choice = [str(path) if path is not None else None]
+            dist.broadcast_object_list(choice, src=0)
+            path = Path(choice[0]) if choice[0] is not None else None
         if path is None:
             return
         student_state, state, _ = ckpt.load(path)
+        saved_batch = state.get("global_batch", self.global_batch)
+        if saved_batch != self.global_batch:
+            log.warning("resuming with a global batch of %d images per step (checkpoint: %d): "
+                        "the step count carries over, the position in the epoch is "
+                        "approximate", self.global_batch, saved_batch)
         try:
             self.student_core.load_state_dict(student_state)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -242,8 +252,7 @@ class Trainer:
         metrics = build_metrics(self.output_dir, self.dist.is_main, self.total_steps, self.step)
         t_start = time.perf_counter()
         train_time, train_images = 0.0, 0
-        images_per_step = (cfg.data.batch_size * cfg.train.grad_accum_steps
-                           * self.dist.world_size)
+        images_per_step = self.global_batch
         sums = torch.zeros(3, device=self.device)  # loss, loss_task, loss_kd since the last log
         interval_start, interval_steps = time.perf_counter(), 0
         sampler = self.train_loader.batch_sampler
@@ -399,7 +408,8 @@ class Trainer:
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """Every rank takes part (RNG states are gathered); rank 0 writes."""
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+        state = {"step": self.step, "optimizer": optimizer_state_dict(self.optimizer),
+                 "global_batch": self.global_batch,
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "scaler": self.scaler.state_dict(), "rng": [_rng_state()]}
         if self.dist.is_distributed:
