@@ -184,14 +184,17 @@ def verify(path: str | Path) -> dict[str, Any]:
                               f"checkpoints/step_* directory")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError):
+        files = {name: (int(want["bytes"]), str(want["sha256"]))
+                 for name, want in manifest["files"].items()}
+        if not {STUDENT_FILE, STATE_FILE, CONFIG_FILE} <= files.keys():
+            raise KeyError("files")
+    except (ValueError, KeyError, TypeError, AttributeError):  # valid JSON of the wrong shape
         raise CheckpointError(f"{manifest_path} is corrupt") from None
-    for name, want in files.items():
+    for name, (size, sha256) in files.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+        if f.stat().st_size != size or _sha256(f) != sha256:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its "
                                   f"manifest (size or sha256)")
     return manifest

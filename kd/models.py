@@ -170,6 +170,7 @@ class FrozenTeacher(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.norm = norm
+        self.eval()  # the wrapper too, not only the wrapped model
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         """Stays in eval mode whatever the caller asks (dropout and drop-path off)."""

@@ -298,7 +298,8 @@ class Trainer:
             "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
             "wall_s": round(time.perf_counter() - t_start, 3),
             "img_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
-            "world_size": self.dist.world_size, "precision": self.precision,
+            "world_size": self.dist.world_size, "backend": self.dist.backend,
+            "precision": self.precision,
             "output_dir": str(self.output_dir),
         }
         if self.dist.is_main:
