@@ -7,7 +7,8 @@ Layout under ``<output_dir>/checkpoints/``::
         state.pt              optimizer, scheduler, scaler, step, data position, RNG states
                               (read back with torch.load(weights_only=True))
         config.yaml           the resolved config of the run that wrote it
-        manifest.json         size and sha256 of each file above, kd version, step
+        deepspeed/            DeepSpeed's sharded files (dist.strategy=deepspeed only)
+        manifest.json         size and sha256 of every file above, kd version, step
     latest                    name of the newest complete checkpoint
 
 A checkpoint is written into a temporary sibling directory, every file flushed and fsynced,
@@ -116,17 +117,32 @@ class CheckpointManager:
     def save(self, step: int, student_state: dict[str, torch.Tensor],
              train_state: dict[str, Any], config_yaml: str) -> Path:
         """Write checkpoint ``step`` atomically, point ``latest`` at it, prune old ones."""
+        return self.commit(self.begin(step), step, student_state, train_state, config_yaml)
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for checkpoint ``step``; others may write shards into it
+        (on a file system every rank sees) before :meth:`commit`."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        prefix = f".tmp_{self.path_for(step).name}_"
+        return Path(tempfile.mkdtemp(dir=self.directory, prefix=prefix))
+
+    def commit(self, tmp: Path, step: int, student_state: dict[str, torch.Tensor],
+               train_state: dict[str, Any], config_yaml: str) -> Path:
+        """Add kd's files and a manifest of everything in ``tmp``, then rename it into place."""
         final = self.path_for(step)
-        tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=f".tmp_{final.name}_"))
         try:
             meta = {"kd_version": kd.__version__, "step": str(step)}
             _write_file(tmp / STUDENT_FILE,
                         lambda p: save_file(contiguous_state(student_state), str(p), metadata=meta))
             _write_file(tmp / STATE_FILE, lambda p: torch.save(train_state, p))
             _write_file(tmp / CONFIG_FILE, lambda p: p.write_text(config_yaml))
-            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                     for name in (STUDENT_FILE, STATE_FILE, CONFIG_FILE)}
+            files = {}
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                if f.parent != tmp:  # shards written by other ranks' libraries
+                    with open(f, "rb+") as handle:
+                        os.fsync(handle.fileno())
+                files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size,
+                                                        "sha256": _sha256(f)}
             manifest = {"kd_version": kd.__version__, "step": step, "files": files}
             _write_file(tmp / MANIFEST_FILE,
                         lambda p: p.write_text(json.dumps(manifest, indent=2)))

@@ -159,6 +159,10 @@ class DistConfig:
         "auto", "Process-group backend. `auto`: `smddp` when SageMaker's data-parallel library "
         "imports on GPUs, else `nccl` on GPUs, `gloo` on CPUs.")
     timeout_s: int = _field(1800, "Process-group timeout in seconds.")
+    strategy: str = _field(
+        "ddp", "`ddp`: DistributedDataParallel (with `optim.zero` for sharded optimizer state); "
+        "`deepspeed`: the DeepSpeed engine with ZeRO (`pip install -e \".[deepspeed]\"`).")
+    zero_stage: int = _field(1, "DeepSpeed ZeRO stage: 1 (optimizer state) or 2 (+ gradients).")
 
 
 @dataclass
@@ -184,6 +188,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("auto", "nccl", "gloo", "smddp"),
+    "dist.strategy": ("ddp", "deepspeed"),
+    "dist.zero_stage": (1, 2),
 }
 
 
@@ -326,7 +332,7 @@ def validate(cfg: Any) -> None:
     """Check values that types alone cannot (ranges, choices, combinations)."""
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
-        _check(value in choices, key, value, "choose one of: " + ", ".join(choices))
+        _check(value in choices, key, value, "choose one of: " + ", ".join(map(str, choices)))
     positive = ["data.num_classes", "data.image_size", "data.batch_size", "data.synthetic_size",
                 "train.epochs", "train.grad_accum_steps", "train.log_every",
                 "train.eval_every_epochs", "checkpoint.keep", "dist.timeout_s"]
@@ -348,6 +354,11 @@ def validate(cfg: Any) -> None:
            "must be in [0, 1]")
     _check(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing",
            cfg.train.label_smoothing, "must be in [0, 1)")
+    if cfg.dist.strategy == "deepspeed":
+        _check(not cfg.optim.zero, "optim.zero", cfg.optim.zero,
+               "PyTorch's ZeRO; with dist.strategy=deepspeed set dist.zero_stage instead")
+        _check(cfg.train.precision != "fp16", "train.precision", cfg.train.precision,
+               "dist.strategy=deepspeed runs kd's bf16 or fp32 autocast")
     _check(cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, "optim.grad_clip",
            cfg.optim.grad_clip, "must be > 0 or null")
     _check(cfg.data.name != "imagefolder" or bool(cfg.data.root), "data.root", cfg.data.root,

@@ -20,17 +20,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from kd import checkpoint as ckpt
 from kd.config import to_yaml
 from kd.data import build_eval_loader, build_train_loader
 from kd.data.datasets import build_dataset
-from kd.dist import DistInfo, all_reduce_sum, init_distributed
+from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from kd.errors import ConfigError, DataError, UserError
 from kd.metrics import build_metrics
 from kd.models import build_input_norm, build_student, build_teacher
-from kd.optim import build_optimizer, build_scheduler, optimizer_state_dict
+from kd.optim import build_optimizer, build_scheduler
+from kd.strategy import build_strategy
 from kd.task import DistillationTask
 
 log = logging.getLogger("kd")
@@ -132,20 +132,20 @@ class Trainer:
         self._check_models(student, teacher)
         self.student_core = student.to(self.device).train()
         self.teacher = teacher.to(self.device) if teacher is not None else None
-        self.student: nn.Module = self.student_core
-        if self.dist.is_distributed:  # only the student is wrapped; the teacher stays a replica
-            self.student = DistributedDataParallel(
-                self.student_core, device_ids=[self.device.index] if self.device.type == "cuda"
-                else None)
-        torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
-        # 4. Task: forward passes and loss terms.
-        self.task = DistillationTask(self.student, self.student_norm, self.teacher, cfg.distill,
-                                     tc.label_smoothing, student_core=self.student_core)
-        # 5. Optimizer, schedule, gradient scaler.
-        self.optimizer = build_optimizer(self.student_core, cfg.optim, self.dist.world_size)
-        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps,
+        # 4. Optimizer and schedule, then the strategy that wraps only the student (DDP, ZeRO or
+        #    DeepSpeed); the teacher stays a frozen replica on every rank.
+        ddp_zero_world = self.dist.world_size if cfg.dist.strategy == "ddp" else 1
+        optimizer = build_optimizer(self.student_core, cfg.optim, ddp_zero_world)
+        self.scheduler = build_scheduler(optimizer, cfg.sched, self.total_steps,
                                          self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.strategy = build_strategy(self.student_core, optimizer, self.dist, cfg,
+                                       self.precision)
+        self.optimizer = self.strategy.optimizer
+        torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
+        # 5. Task: forward passes and loss terms.
+        self.task = DistillationTask(self.strategy.model, self.student_norm, self.teacher,
+                                     cfg.distill, tc.label_smoothing,
+                                     student_core=self.student_core)
         # 6. Checkpoints and resume.
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints",
@@ -214,6 +214,9 @@ class Trainer:
         if path is None:
             return
         student_state, state, _ = ckpt.load(path)
+        if bool(state.get("sharded")) != self.strategy.sharded_checkpoint:
+            raise UserError(f"checkpoint {path} was written with another dist.strategy; resume "
+                            f"it with the strategy that wrote it")
         saved_batch = state.get("global_batch", self.global_batch)
         if saved_batch != self.global_batch:
             log.warning("resuming with a global batch of %d images per step (checkpoint: %d): "
@@ -221,13 +224,12 @@ class Trainer:
                         "approximate", self.global_batch, saved_batch)
         try:
             self.student_core.load_state_dict(student_state)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.strategy.load_state_dict(state, path)
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {path} does not match this config's student or "
                             f"optimizer: {str(e).splitlines()[0]}") from None
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             _set_rng_state(rng[self.dist.rank])
@@ -322,8 +324,8 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 x_student, x_teacher = task.prepare(images)
-            sync = micro == accum - 1 or not isinstance(self.student, DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.student.no_sync():
+            last = micro == accum - 1
+            with self.strategy.maybe_no_sync(last):
                 with self._autocast():
                     with timer.phase("teacher_forward"):
                         teacher_logits = task.teacher_forward(x_teacher)
@@ -332,7 +334,7 @@ class Trainer:
                     with timer.phase("loss"):
                         terms = task.loss(student_out, teacher_logits, targets, epoch_float)
                 with timer.phase("backward"):
-                    self.scaler.scale(terms["loss"] / accum).backward()
+                    self.strategy.backward(terms["loss"], accum, last)
             for k, v in terms.items():
                 totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
         with timer.phase("optimizer"):
@@ -340,14 +342,8 @@ class Trainer:
         return totals
 
     def optimizer_step(self) -> None:
-        """Unscale, clip, step, zero gradients, advance the schedule."""
-        clip = self.cfg.optim.grad_clip
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student_core.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Step the optimizer through the strategy (clipping, scaling), advance the schedule."""
+        self.strategy.step()
         if self.scheduler is not None:
             self.scheduler.step_update(self.step + 1)
 
@@ -409,17 +405,25 @@ class Trainer:
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """Every rank takes part (RNG states are gathered); rank 0 writes."""
-        state = {"step": self.step, "optimizer": optimizer_state_dict(self.optimizer),
-                 "global_batch": self.global_batch,
+        state = {"step": self.step, "global_batch": self.global_batch,
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                 "scaler": self.scaler.state_dict(), "rng": [_rng_state()]}
+                 "sharded": self.strategy.sharded_checkpoint, "rng": [_rng_state()],
+                 **self.strategy.state_dict()}
         if self.dist.is_distributed:
             gathered: list[Any] = [None] * self.dist.world_size
             dist.all_gather_object(gathered, state["rng"][0])
             state["rng"] = gathered
+        tmp = self.checkpoints.begin(self.step) if self.dist.is_main else None
+        if self.strategy.sharded_checkpoint:  # every rank writes its shard into rank 0's tmp
+            if self.dist.is_distributed:
+                shared = [str(tmp) if tmp else None]
+                dist.broadcast_object_list(shared, src=0)
+                tmp = Path(shared[0])
+            self.strategy.save_sharded(tmp / "deepspeed")
+            barrier()
         path = None
         if self.dist.is_main:
-            path = self.checkpoints.save(self.step, self.student_core.state_dict(), state,
-                                         to_yaml(self.cfg))
+            path = self.checkpoints.commit(tmp, self.step, self.student_core.state_dict(), state,
+                                           to_yaml(self.cfg))
         self._saved_step = self.step
         return path

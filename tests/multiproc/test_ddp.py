@@ -5,82 +5,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT
+from tests.multiproc.helpers import (
+    ATOL,
+    free_port,
+    keep_only_checkpoint,
+    launch_env,
+    max_diff,
+    ok,
+    single,
+    torchrun,
+    weights,
+)
 
 pytestmark = pytest.mark.multiproc
-
-# fp32 on CPU: 2 ranks × B and 1 rank × 2B differ only in the order of floating-point sums
-# (gradient all-reduce vs one batch mean), which Adam amplifies to ~1e-4 after 16 steps.
-ATOL = 2e-3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT")}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra or {})}
-
-
-def torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
-             wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-           f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={port or free_port()}", f"--node-rank={node_rank}",
-           "-m", "kd.cli", "train", *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-
-
-def single(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd.cli", "train", *args], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "student.safetensors"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-@pytest.fixture
-def base(tiny_teacher: str) -> list[str]:
-    return ["-c", TINY, f"teacher.checkpoint={tiny_teacher}", "checkpoint.resume=auto"]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process, global batch 16 (2 × 8), 16 steps: what every multi-process run must match."""
-    out = tmp_path_factory.mktemp("ref")
-    ok(single("-c", TINY, f"teacher.checkpoint={tiny_teacher}", f"output_dir={out}",
-              "data.batch_size=16"))
-    return out
-
 
 def test_torchrun_two_processes_zero_matches_one_process(base, reference, tmp_path):
     out = tmp_path / "run"
@@ -119,12 +62,7 @@ def test_zero_checkpoint_resumes_at_another_world_size(base, reference, tmp_path
         return ok(torchrun(2, *extra) if world == 2 else single(*extra))
 
     train(first)
-    # Make it a run killed after its step-6 checkpoint: drop everything written later.
-    ckpts = out / "checkpoints"
-    for later in sorted(ckpts.glob("step_*"))[1:]:
-        shutil.rmtree(later)
-    (ckpts / "latest").write_text("step_00000006\n")
-    (out / "student.safetensors").unlink()
+    keep_only_checkpoint(out, 6)
     resumed = train(second)
     assert "resumed from" in resumed.stderr + resumed.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -153,7 +91,7 @@ def test_smddp_path_under_mpi_variables(base, reference, tmp_path):
     out, port = tmp_path / "run", free_port()
     procs = []
     for rank in range(2):
-        env = _env({"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}",
+        env = launch_env({"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}",
                     "OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2",
                     "OMPI_COMM_WORLD_LOCAL_RANK": str(rank), "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
                     "SM_HOSTS": '["localhost"]', "SM_CURRENT_HOST": "localhost",

@@ -1,0 +1,160 @@
+"""How the student's gradients are synchronised and its optimizer stepped.
+
+Two strategies with one interface, chosen by ``dist.strategy``:
+
+- :class:`DDPStrategy` — PyTorch DistributedDataParallel (nothing in one process), optionally
+  with ``ZeroRedundancyOptimizer`` (``optim.zero``), and a gradient scaler for fp16;
+- :class:`DeepSpeedStrategy` — the DeepSpeed engine with ZeRO stage 1 or 2, its config generated
+  from kd's; mixed precision stays kd's autocast, so both strategies compute the same numbers.
+
+The teacher is never handed to either: it stays a frozen replica on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from kd.dist import DistInfo
+from kd.errors import ConfigError
+from kd.optim import optimizer_state_dict
+
+
+class DDPStrategy:
+    """DDP (several ranks) or a plain module (one), with the optimizer and an fp16 scaler."""
+
+    sharded_checkpoint = False
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, info: DistInfo, precision: str,
+                 grad_clip: float | None) -> None:
+        self.core, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.model: nn.Module = model
+        if info.is_distributed:
+            self.model = DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+
+    def maybe_no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if last_micro_batch or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor, accum_steps: int, last_micro_batch: bool) -> None:
+        self.scaler.scale(loss / accum_steps).backward()
+
+    def step(self) -> None:
+        """Unscale, clip, step, zero gradients."""
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer (consolidated on rank 0 when sharded) and scaler; every rank calls this."""
+        return {"optimizer": optimizer_state_dict(self.optimizer),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_sharded(self, directory: Path) -> None:
+        """Nothing beyond ``state_dict`` for DDP."""
+
+
+def deepspeed_config(batch_size: int, accum_steps: int, world_size: int,
+                     grad_clip: float | None, zero_stage: int) -> dict[str, Any]:
+    """The DeepSpeed config kd generates from its own.
+
+    Mixed precision is not configured here: kd runs the forward passes under its own autocast
+    (fp32 master weights and gradients, bf16 matmuls), exactly as with DDP.
+    """
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accum_steps,
+        "train_batch_size": batch_size * accum_steps * world_size,
+        "gradient_clipping": float(grad_clip or 0.0),
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": False,
+                              "contiguous_gradients": True},
+        "zero_allow_untested_optimizer": True,  # timm's optimizers are plain torch optimizers
+        "steps_per_print": 2**31 - 1,  # kd logs
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStrategy:
+    """The DeepSpeed engine (ZeRO 1 or 2) around the student and kd's optimizer.
+
+    kd's learning-rate schedule keeps driving the optimizer's parameter groups, which DeepSpeed's
+    ZeRO optimizer shares. Checkpoints hold DeepSpeed's own sharded files (written through its
+    API by every rank) next to kd's files.
+    """
+
+    sharded_checkpoint = True
+    TAG = "state"
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, info: DistInfo, precision: str,
+                 grad_clip: float | None, batch_size: int, accum_steps: int,
+                 zero_stage: int) -> None:
+        try:
+            import deepspeed
+        except ImportError:
+            raise ConfigError('dist.strategy=deepspeed needs DeepSpeed: pip install -e '
+                              '".[deepspeed]"') from None
+        if precision == "fp16":
+            raise ConfigError("dist.strategy=deepspeed supports train.precision bf16 or fp32 "
+                              "(kd's autocast); use bf16")
+        if not dist.is_initialized():  # DeepSpeed always wants a process group, even of one
+            backend = "nccl" if info.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.config = deepspeed_config(batch_size, accum_steps, info.world_size, grad_clip,
+                                       zero_stage)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.config, dist_init_required=False)
+        self.core, self.model = model, self.engine
+
+    def maybe_no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine defers reduction to the step boundary
+
+    def backward(self, loss: torch.Tensor, accum_steps: int, last_micro_batch: bool) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+        if not last_micro_batch:
+            self.engine.step()  # counts the micro-step; updates only at the boundary
+
+    def step(self) -> None:
+        self.engine.step()  # the boundary: reduce, clip, update, zero gradients
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": None, "scaler": None}  # held in DeepSpeed's sharded files
+
+    def save_sharded(self, directory: Path) -> None:
+        """Every rank writes its shard through DeepSpeed's API."""
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
+
+    def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(checkpoint_dir / "deepspeed"), tag=self.TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise ConfigError(f"{checkpoint_dir} holds no DeepSpeed state; resume it with "
+                              f"dist.strategy=ddp")
+
+
+def build_strategy(model: nn.Module, optimizer: Optimizer, info: DistInfo, cfg: Any,
+                   precision: str) -> DDPStrategy | DeepSpeedStrategy:
+    """The strategy named by ``cfg.dist.strategy``."""
+    if cfg.dist.strategy == "deepspeed":
+        return DeepSpeedStrategy(model, optimizer, info, precision, cfg.optim.grad_clip,
+                                 cfg.data.batch_size, cfg.train.grad_accum_steps,
+                                 cfg.dist.zero_stage)
+    return DDPStrategy(model, optimizer, info, precision, cfg.optim.grad_clip)

@@ -1,0 +1,24 @@
+"""Fixtures for multi-process tests: base arguments and the one-process reference run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+from tests.multiproc.helpers import ok, single
+
+
+@pytest.fixture
+def base(tiny_teacher: str) -> list[str]:
+    return ["-c", TINY, f"teacher.checkpoint={tiny_teacher}", "checkpoint.resume=auto"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, global batch 16 (2 × 8), 16 steps: what every multi-process run must match."""
+    out = tmp_path_factory.mktemp("ref")
+    ok(single("-c", TINY, f"teacher.checkpoint={tiny_teacher}", f"output_dir={out}",
+              "data.batch_size=16"))
+    return out
