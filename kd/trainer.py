@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +237,17 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------------------- training
-    def train(self) -> dict[str, Any]:
+    def train(self, *, evaluate: bool = True, save: bool = True,
+              on_step: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
         """Train to ``total_steps``, evaluating and checkpointing on the way.
 
+        Args:
+            evaluate: evaluate every ``train.eval_every_epochs`` and at the end.
+            save: write checkpoints, the final student and ``summary.json``.
+            on_step: called after every optimizer step (e.g. to advance a profiler).
+
         Returns:
-            The summary also written to ``summary.json``.
+            The summary (also written to ``summary.json`` when ``save``).
         """
         cfg = self.cfg
         if self.dist.is_main:
@@ -269,6 +275,8 @@ class Trainer:
                     sums += torch.stack([terms["loss"], terms["loss_task"], terms["loss_kd"]])
                     self.step += 1
                     interval_steps += 1
+                    if on_step is not None:
+                        on_step(self)
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         elapsed = time.perf_counter() - interval_start
                         train_time += elapsed
@@ -277,26 +285,27 @@ class Trainer:
                                                        images_per_step))
                         sums.zero_()
                         interval_start, interval_steps = time.perf_counter(), 0
-                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    every = cfg.checkpoint.every_steps
+                    if save and every and self.step % every == 0:
                         self.save_checkpoint()
                         interval_start = time.perf_counter()  # saving is not training time
                 epoch_done = self.step % self.steps_per_epoch == 0
-                if epoch_done and (epoch + 1) % cfg.train.eval_every_epochs == 0:
+                if evaluate and epoch_done and (epoch + 1) % cfg.train.eval_every_epochs == 0:
                     metrics.log(self.evaluate(epoch + 1))
                     interval_start = time.perf_counter()
             if interval_steps:  # steps since the last log line (max_steps not on a log step)
                 train_time += time.perf_counter() - interval_start
                 train_images += interval_steps * images_per_step
-            if self._last_eval.get("step") != self.step:
+            if evaluate and self._last_eval.get("step") != self.step:
                 metrics.log(self.evaluate(-(-self.step // self.steps_per_epoch)))
-            if self._saved_step != self.step:
+            if save and self._saved_step != self.step:
                 self.save_checkpoint()
         finally:
             metrics.close()
         final = self._last_eval
         summary = {
-            "student_top1": final["student_top1"], "student_top5": final["student_top5"],
-            "teacher_top1": final["teacher_top1"], "agreement": final["agreement"],
+            **{k: final.get(k) for k in ("student_top1", "student_top5", "teacher_top1",
+                                         "agreement")},
             "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
             "wall_s": round(time.perf_counter() - t_start, 3),
             "img_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
@@ -304,7 +313,7 @@ class Trainer:
             "precision": self.precision,
             "output_dir": str(self.output_dir),
         }
-        if self.dist.is_main:
+        if save and self.dist.is_main:
             ckpt.save_weights(self.output_dir / "student.safetensors",
                               self.student_core.state_dict(),
                               {"name": cfg.student.name, "step": str(self.step)})
