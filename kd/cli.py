@@ -4,16 +4,19 @@
     kd config [-c preset.yaml] [key=value ...]     print the resolved config
     kd eval   --checkpoint DIR [-c ...] [k=v ...]  evaluate a checkpoint
     kd export --checkpoint DIR --out DIR           student as timm-loadable safetensors
+    kd tune-loader [-c preset.yaml] [key=value ...] data-loader workers sweep and advice
+    kd profile [-c preset.yaml] [key=value ...]    profile a short run; report what to fix
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the student as timm-loadable safetensors")
     p.add_argument("--checkpoint", required=True, help="a checkpoints/step_* directory")
     p.add_argument("--out", required=True, help="output directory")
+    p = sub.add_parser("profile", help="profile a short training run and write a report "
+                       "(traces, report.md, report.html)")
+    _add_config_args(p)
+    p.add_argument("--wait", type=int, default=1, help="steps before profiling (default 1)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="profiled but discarded warm-up steps (default 2)")
+    p.add_argument("--active", type=int, default=5, help="steps in the report (default 5)")
+    p.add_argument("--out", help="run directory (default: <output_dir>/profile)")
+    p.add_argument("--top", type=int, default=15, help="operators in the table (default 15)")
+    p.add_argument("--external-profiler", default="none", choices=("none", "nsys", "sagemaker"),
+                   help="start/stop Nsight Systems (cudaProfilerApi) or SageMaker Profiler "
+                   "around the active steps; torch.profiler then records CPU activity only")
+    p = sub.add_parser("tune-loader", help="sweep data-loader workers × prefetch factor; plot "
+                       "and recommend settings")
+    _add_config_args(p)
+    p.add_argument("--max-workers", type=int, help="largest worker count to try (default: the "
+                   "CPUs of one local rank minus one)")
+    p.add_argument("--prefetch", default="2,4", help="prefetch factors to try (default: 2,4)")
+    p.add_argument("--batches", type=int, default=20,
+                   help="batches measured per setting, after a warm-up (default: 20)")
+    p.add_argument("--local-world-size", type=int, help="ranks per node that will share the "
+                   "CPUs (default: the number of GPUs, or 1)")
+    p.add_argument("--step-ms", type=float, default=0.0, help="simulated training step after "
+                   "each batch, in ms: shows whether the loader keeps up (default: 0)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/tune_loader)")
     return parser
 
 
@@ -52,6 +80,19 @@ def _version() -> str:
     from kd import __version__
 
     return __version__
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """Tear the process group down at the end: after every rank finished, or at once on error."""
+    from kd.dist import cleanup
+
+    try:
+        yield
+    except BaseException:
+        cleanup(wait=False)
+        raise
+    cleanup(wait=True)
 
 
 def _setup_logging() -> None:
@@ -79,21 +120,20 @@ def _print_results(summary: dict[str, Any]) -> None:
         table.add_row("wall time", f"{summary['wall_s']:.1f} s")
         if summary.get("img_per_s"):
             table.add_row("throughput", f"{summary['img_per_s']:.1f} img/s")
-    table.add_row("output", str(summary.get("output_dir", "")))
-    Console(width=100).print(table)
+    console = Console(width=100)
+    console.print(table)
+    # Outside the table: rich would shorten a long path to fit the column.
+    console.print(f"output: {summary.get('output_dir', '')}", soft_wrap=True, highlight=False)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from kd.config import DEMO_PRESET, load_config
-    from kd.dist import cleanup
     from kd.trainer import Trainer
 
     cfg = load_config(args.config or DEMO_PRESET, args.overrides)
-    try:
+    with _process_group():
         trainer = Trainer(cfg)
         summary = trainer.train()
-    finally:
-        cleanup()
     if trainer.dist.is_main:
         _print_results(summary)
     return 0
@@ -118,16 +158,13 @@ def _checkpoint_config(path: str, config: str | None, overrides: list[str]) -> A
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kd.dist import cleanup
     from kd.trainer import Trainer
 
     cfg = _checkpoint_config(args.checkpoint, args.config, args.overrides)
     cfg.checkpoint.resume = str(args.checkpoint)
-    try:
+    with _process_group():
         trainer = Trainer(cfg)
         record = trainer.evaluate(epoch=round(trainer.step / trainer.steps_per_epoch))
-    finally:
-        cleanup()
     if trainer.dist.is_main:
         out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / \
             "eval.json"
@@ -150,7 +187,66 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export}
+def cmd_profile(args: argparse.Namespace) -> int:
+    from kd.config import DEMO_PRESET, load_config
+    from kd.profiler import ProfileSettings, run_profile
+    from kd.report import pct_fine
+    from kd.trainer import Trainer
+
+    settings = ProfileSettings(wait=args.wait, warmup=args.warmup, active=args.active,
+                               top=args.top, external=args.external_profiler)
+    settings.validate()  # before the models are built
+    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "profile"
+    cfg.output_dir = str(out)  # the profile's config and metrics records go beside its report
+    with _process_group():
+        trainer = Trainer(cfg)
+        analysis = run_profile(trainer, out, settings)
+    if analysis is not None:
+        verdict = analysis["verdict"]
+        print(f"kd profile: {verdict['kind']} ({verdict['reason']}); "
+              f"{analysis['img_per_s']:.1f} img/s, MFU {pct_fine(analysis['mfu'])}")
+        for rec in analysis["recommendations"]:
+            print(f"  - {rec['trigger']}: {rec['advice']}")
+        print(f"report: {analysis['report_md']} and {analysis['report_html']}")
+    return 0
+
+
+def _one_line(error: UserError) -> str:
+    """The error's own message, also when a data-loader worker raised it.
+
+    PyTorch re-raises a worker's exception in the main process with the worker's traceback
+    folded into the message; the original message is its last line.
+    """
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    name = f"{type(error).__module__}.{type(error).__name__}: "
+    return last.removeprefix(name)
+
+
+def cmd_tune_loader(args: argparse.Namespace) -> int:
+    import torch
+
+    from kd.config import DEMO_PRESET, load_config
+    from kd.data.tuning import run_tune_loader
+
+    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    try:
+        prefetch = [int(p) for p in args.prefetch.split(",") if p.strip()]
+    except ValueError:
+        raise UserError(f"--prefetch {args.prefetch}: expected integers separated by commas "
+                        f"(e.g. 2,4)") from None
+    gpus = torch.cuda.device_count()
+    run_tune_loader(cfg.data, channels=cfg.student.kwargs.get("in_chans", 3), seed=cfg.seed,
+                    out_dir=Path(args.out or Path(cfg.output_dir) / "tune_loader"),
+                    worker_limit=args.max_workers, prefetch_factors=prefetch,
+                    batches=args.batches, local_world_size=args.local_world_size or gpus or 1,
+                    step_s=args.step_ms / 1000, pin_memory=gpus > 0)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export,
+            "tune-loader": cmd_tune_loader, "profile": cmd_profile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
+        print(f"kd: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kd: interrupted", file=sys.stderr)

@@ -72,21 +72,58 @@ class TeacherConfig:
     mean: list[float] | None = _field(
         None, "Teacher input mean; when it differs from the student's, inputs are re-normalised.")
     std: list[float] | None = _field(None, "Teacher input std; null takes the model's config.")
+    image_size: int | None = _field(
+        None, "Side of the image the teacher sees; null: `data.image_size`. When it differs, the "
+        "student's augmented (and mixed) batch is resized on the device, so both see the same "
+        "crop.")
 
 
 @dataclass
 class DataConfig:
     name: str = _field("imagefolder", "Dataset: `digits` (ships with scikit-learn), `synthetic`, "
-                       "`imagefolder`.")
+                       "`imagefolder`, `wds` (WebDataset tar shards on local disk) or `hf` (a "
+                       "Hugging Face dataset saved with `save_to_disk`; `pip install -e "
+                       "\".[hf]\"`).")
     root: str | None = _field(
-        None, "Dataset root. imagefolder: a folder with `train/` and `val/` class sub-folders.")
+        None, "Dataset root. imagefolder: a folder with `train/` and `val/` class sub-folders. "
+        "wds: a folder of `train-*.tar` and `val-*.tar` shards (or `train/` and `val/` "
+        "sub-folders of shards). hf: the `save_to_disk` folder, with `train` and `validation` "
+        "(or `val`) splits.")
+    train_shards: str | None = _field(
+        None, "wds: the training shards, e.g. `/data/train-{000000..000127}.tar` (brace ranges "
+        "and lists, `*` wildcards, or a folder of `.tar` files; relative to `data.root` when "
+        "set); null: found in `data.root`.")
+    val_shards: str | None = _field(
+        None, "wds: the validation shards, as `data.train_shards`; null: found in `data.root`.")
+    hf_image_key: str = _field("image", "hf: the column holding the images (an Image feature).")
+    hf_label_key: str = _field("label", "hf: the column holding the class indices.")
     num_classes: int = _field(1000, "Number of classes; teacher and student heads must match it.")
     image_size: int = _field(224, "Side of the (square) image the student sees, in pixels.")
     batch_size: int = _field(128, "Images per process per micro-batch.")
     eval_batch_size: int | None = _field(None, "Evaluation batch size; null: `batch_size`.")
-    num_workers: int = _field(4, "Data-loader worker processes per rank.")
+    num_workers: int | str = _field(
+        "auto", "Data-loader worker processes per rank, or `auto`: a short measured sweep at "
+        "start-up picks the fewest workers within 95 % of the best throughput (cached per "
+        "machine and data config; see `kd tune-loader`).")
+    prefetch_factor: int = _field(2, "Batches each worker prepares ahead (with workers > 0).")
+    on_error: str = _field(
+        "skip", "Unreadable or corrupt samples: `skip` (counted as `n_bad_samples`, replaced by "
+        "the next readable sample of the split) or `fail` (stop, naming the file).")
     augment: bool = _field(True, "Training augmentation (digits: a mild random affine; "
-                           "imagefolder: random resized crop and flip).")
+                           "image datasets: timm's train transform below).")
+    auto_augment: str | None = _field(
+        None, "timm auto-augment policy for image datasets, e.g. `rand-m9-mstd0.5-inc1` "
+        "(RandAugment); null: none.")
+    color_jitter: float = _field(0.0, "Colour jitter strength (timm); 0: off.")
+    re_prob: float = _field(0.0, "Random-erasing probability (timm); 0: off.")
+    scale: list[float] = _field([0.08, 1.0], "Random-resized-crop area range.")
+    hflip: float = _field(0.5, "Horizontal flip probability.")
+    mixup: float = _field(0.0, "Mixup alpha (timm `Mixup`); 0: off. Targets become soft.")
+    cutmix: float = _field(0.0, "CutMix alpha; 0: off.")
+    mixup_prob: float = _field(1.0, "Probability of mixing a batch when mixup/cutmix is on.")
+    mixup_switch_prob: float = _field(0.5, "Probability of CutMix instead of Mixup when both "
+                                      "are on.")
+    mixup_mode: str = _field("batch", "Mix parameters per `batch`, `pair` or `elem`.")
     synthetic_size: int = _field(1024, "Number of training images of the `synthetic` dataset.")
 
 
@@ -140,6 +177,10 @@ class TrainConfig:
     grad_accum_steps: int = _field(1, "Micro-batches per optimizer step.")
     label_smoothing: float = _field(0.0, "Label smoothing of the task (cross-entropy) term.")
     log_every: int = _field(50, "Optimizer steps between log lines / metrics records.")
+    log_phases: bool = _field(
+        False, "At each log step, also print a timing line: `iter N`, then the mean seconds per "
+        "step of data, teacher, forward, backward and optim since the previous log step, and "
+        "img/s, the numbers of that step's `metrics.jsonl` record.")
     eval_every_epochs: int = _field(1, "Evaluate every N epochs (and always at the end).")
     device: str = _field("auto", "`auto` (cuda when present), `cpu`, `cuda`.")
 
@@ -181,7 +222,9 @@ class KDConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits", "synthetic", "imagefolder"),
+    "data.name": ("digits", "synthetic", "imagefolder", "wds", "hf"),
+    "data.on_error": ("skip", "fail"),
+    "data.mixup_mode": ("batch", "pair", "elem"),
     "distill.loss": ("none", "soft", "hard", "token", "dkd"),
     "distill.token_loss": ("soft", "hard"),
     "sched.name": ("cosine", "tanh", "poly", "none"),
@@ -342,7 +385,26 @@ def validate(cfg: Any) -> None:
     for key in ("train.max_steps", "data.eval_batch_size"):
         value = OmegaConf.select(cfg, key)
         _check(value is None or value > 0, key, value, "must be > 0 or null")
-    for key in ("data.num_workers", "checkpoint.every_steps", "optim.weight_decay",
+    workers = cfg.data.num_workers
+    _check(workers == "auto" or (isinstance(workers, int) and workers >= 0), "data.num_workers",
+           workers, "an integer >= 0 or auto")
+    for key in ("data.mixup", "data.cutmix", "data.color_jitter"):
+        value = OmegaConf.select(cfg, key)
+        _check(value >= 0, key, value, "must be >= 0")
+    for key in ("data.mixup_prob", "data.mixup_switch_prob", "data.re_prob", "data.hflip"):
+        value = OmegaConf.select(cfg, key)
+        _check(0 <= value <= 1, key, value, "a probability in [0, 1]")
+    scale = list(cfg.data.scale)
+    _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "data.scale", scale,
+           "[min, max] with 0 < min <= max <= 1")
+    _check(cfg.data.prefetch_factor > 0, "data.prefetch_factor", cfg.data.prefetch_factor,
+           "must be > 0")
+    _check(cfg.teacher.image_size is None or cfg.teacher.image_size > 0, "teacher.image_size",
+           cfg.teacher.image_size, "must be > 0 or null")
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        _check(cfg.data.batch_size % 2 == 0, "data.batch_size", cfg.data.batch_size,
+               "must be even with mixup/cutmix (samples are mixed with the batch's reverse)")
+    for key in ("checkpoint.every_steps", "optim.weight_decay",
                 "sched.warmup_epochs", "sched.min_lr", "sched.warmup_lr",
                 "distill.dkd_alpha", "distill.dkd_beta", "distill.dkd_warmup_epochs"):
         value = OmegaConf.select(cfg, key)
@@ -363,6 +425,11 @@ def validate(cfg: Any) -> None:
            cfg.optim.grad_clip, "must be > 0 or null")
     _check(cfg.data.name != "imagefolder" or bool(cfg.data.root), "data.root", cfg.data.root,
            "imagefolder needs a root folder with train/ and val/")
+    _check(cfg.data.name != "hf" or bool(cfg.data.root), "data.root", cfg.data.root,
+           "hf needs the folder of a dataset saved with save_to_disk")
+    _check(cfg.data.name != "wds" or bool(cfg.data.root) or bool(
+        cfg.data.train_shards and cfg.data.val_shards), "data.root", cfg.data.root,
+        "wds needs a folder of shards, or both data.train_shards and data.val_shards")
     for section in ("student", "teacher"):
         kwargs = OmegaConf.select(cfg, f"{section}.kwargs")
         _check("num_classes" not in kwargs, f"{section}.kwargs.num_classes",

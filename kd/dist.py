@@ -195,10 +195,20 @@ def init_distributed(cfg: Any, device_preference: str = "auto") -> DistInfo:
                     backend)
 
 
-def cleanup() -> None:
-    """Destroy the process group, if any."""
+def cleanup(wait: bool = False) -> None:
+    """Destroy the process group, if any.
+
+    Args:
+        wait: first wait until every rank gets here: after a successful run, so no rank tears
+            down its communicators while another still uses them (seen once as an abort at
+            exit with DeepSpeed on gloo). Not after an error: the other ranks may never come.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

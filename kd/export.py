@@ -3,10 +3,14 @@
 The output directory holds ``model.safetensors`` and timm's ``config.json`` (architecture,
 model arguments, input size, mean/std), so either of these works without kd::
 
-    timm.create_model("local-dir:/path/to/export")
+    timm.create_model("local-dir:/path/to/export", pretrained=True)
     timm.create_model(name, pretrained=True,
-                      pretrained_cfg_overlay=dict(file="/path/to/export/model.safetensors"),
-                      num_classes=..., **kwargs)
+                      pretrained_cfg_overlay=dict(file="/path/to/export/model.safetensors",
+                                                  num_classes=N),
+                      num_classes=N, **kwargs)
+
+(``num_classes`` belongs in the overlay too: timm drops a pretrained classifier whose class count
+differs from the pretrained config's.)
 """
 
 from __future__ import annotations

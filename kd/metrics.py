@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from kd.checkpoint import atomic_write_text
 
 log = logging.getLogger("kd")
 
@@ -23,9 +26,18 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    """One JSON object per line; flushed at once so a killed run keeps what it logged."""
+    """One JSON object per line; flushed at once so a killed run keeps what it logged.
 
-    def __init__(self, path: Path) -> None:
+    A run that starts at ``initial_step`` (a resume) first drops the records of later steps:
+    a crashed run may have logged steps after its last checkpoint, which the resumed run logs
+    again.
+    """
+
+    def __init__(self, path: Path, initial_step: int = 0) -> None:
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _step_of(line) <= initial_step]
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         self.file = open(path, "a", buffering=1)  # noqa: SIM115 (open for the run's lifetime)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -35,13 +47,24 @@ class JsonlSink:
         self.file.close()
 
 
-class TensorBoardSink:
-    """Every numeric value as a scalar, tagged ``train/<key>`` or ``val/<key>``."""
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # an unreadable (half-written) line is dropped
 
-    def __init__(self, directory: Path) -> None:
+
+class TensorBoardSink:
+    """Every numeric value as a scalar, tagged ``train/<key>`` or ``val/<key>``.
+
+    On a resume, events after ``initial_step`` are purged (TensorBoard's ``purge_step``).
+    """
+
+    def __init__(self, directory: Path, initial_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(directory))
+        self.writer = SummaryWriter(str(directory),
+                                    purge_step=initial_step + 1 if initial_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         split = record.get("split", "train")
@@ -58,10 +81,11 @@ class ConsoleSink:
     """A tqdm progress bar on a terminal; plain log lines otherwise (files, CI, schedulers)."""
 
     def __init__(self, total_steps: int, initial_step: int,
-                 interactive: bool | None = None) -> None:
+                 interactive: bool | None = None, log_phases: bool = False) -> None:
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.bar = None
         self.total = total_steps
+        self.log_phases = log_phases
         if self.interactive:
             from tqdm import tqdm
 
@@ -86,6 +110,8 @@ class ConsoleSink:
                         f"loss {record['loss']:.4f} (task {record['loss_task']:.4f}, "
                         f"kd {record['loss_kd']:.4f}) | lr {record['lr']:.2e} | "
                         f"{record['img_per_s']:.1f} img/s | eta {_eta(record.get('eta_s'))}")
+        if self.log_phases:
+            self._print(phase_line(record))
 
     def _print(self, msg: str) -> None:
         if self.bar is not None:
@@ -96,6 +122,30 @@ class ConsoleSink:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# The per-iteration timing line: (label, metrics.jsonl key), in step order.
+PHASE_LINE_FIELDS = (("data", "t_data"), ("teacher", "t_teacher"), ("forward", "t_student_fwd"),
+                     ("backward", "t_backward"), ("optim", "t_optim"))
+
+
+def format_seconds(value: float) -> str:
+    """Three significant digits, never an exponent: ``0.0005s``, ``0.61s``, ``8.41s``, ``123s``."""
+    if value >= 100:
+        return f"{value:.0f}s"
+    if value == 0:
+        return "0s"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".") + "s"
+
+
+def phase_line(record: dict[str, Any]) -> str:
+    """``iter N | data 0.0005s | teacher 0.61s | forward 0.83s | backward 8.41s | optim 0.12s |
+    812 img/s`` from a training record (``train.log_phases``)."""
+    parts = [f"iter {record['step']}"]
+    parts += [f"{label} {format_seconds(record[key])}" for label, key in PHASE_LINE_FIELDS]
+    parts.append(f"{record['img_per_s']:.0f} img/s")
+    return " | ".join(parts)
 
 
 def _eta(seconds: float | None) -> str:
@@ -125,12 +175,15 @@ class MetricsProcessor:
 
 
 def build_metrics(output_dir: Path, is_main: bool, total_steps: int,
-                  initial_step: int) -> MetricsProcessor:
-    """Console, ``metrics.jsonl`` and TensorBoard (``tb/``) sinks on the main process."""
+                  initial_step: int, log_phases: bool = False) -> MetricsProcessor:
+    """Console, ``metrics.jsonl`` and TensorBoard (``tb/``) sinks on the main process.
+
+    ``log_phases`` (``train.log_phases``) adds the per-iteration timing line to the console.
+    """
     if not is_main:
         return MetricsProcessor([])
     return MetricsProcessor([
-        ConsoleSink(total_steps, initial_step),
-        JsonlSink(output_dir / "metrics.jsonl"),
-        TensorBoardSink(output_dir / "tb"),
+        ConsoleSink(total_steps, initial_step, log_phases=log_phases),
+        JsonlSink(output_dir / "metrics.jsonl", initial_step),
+        TensorBoardSink(output_dir / "tb", initial_step),
     ])

@@ -95,7 +95,7 @@ def num_outputs(model: nn.Module) -> int | None:
     return int(n) if n is not None else None
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str, setting: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a state dict without executing code: safetensors, or ``torch.load(weights_only=True)``.
 
     Wrapped state dicts (``{"state_dict": ...}``, ``{"model": ...}``, EMA) are unwrapped and a
@@ -103,7 +103,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """
     p = resolve_path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{setting}: checkpoint not found: {path}")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -112,7 +112,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or truncated files raise many different types
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+        raise CheckpointError(f"{setting}: cannot read checkpoint {path}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
@@ -126,7 +126,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str, section: str, num_classes: int) -> None:
     """Load ``path`` into ``model`` strictly; a classifier of another size is a clear error."""
-    state = load_state_dict(path)
+    state = load_state_dict(path, f"{section}.checkpoint")
     own = model.state_dict()
     head = getattr(model, "get_classifier", lambda: None)()
     heads = head if isinstance(head, tuple) else (head,)  # DeiT: (head, head_dist)
@@ -136,21 +136,27 @@ def load_weights(model: nn.Module, path: str, section: str, num_classes: int) ->
             raise CheckpointError(
                 f"{section}.checkpoint {path} has a {state[key].shape[0]}-class classifier but "
                 f"data.num_classes={num_classes}; use a teacher trained on these classes")
+    mismatch = describe_mismatch(own, state)
+    if mismatch:
+        raise CheckpointError(f"{section}.checkpoint {path} does not fit {section}.name/"
+                              f"{section}.kwargs: {mismatch}")
+    model.load_state_dict(state, strict=True)
+
+
+def describe_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' if none)."""
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"shape of {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise CheckpointError(f"{section}.checkpoint {path} does not fit {section}.name/"
-                              f"{section}.kwargs: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:3]}")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"shape of {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+    return "; ".join(parts)
 
 
 def build_student(cfg: Any, num_classes: int) -> nn.Module:

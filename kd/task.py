@@ -23,11 +23,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import ConfigError
 from kd.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
 from kd.models import FrozenTeacher, InputNorm, is_distilled_vit
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a normalised (B, C, H, W) batch to ``size``² (bilinear, antialiased when shrinking).
+
+    Normalisation is a per-channel affine map and resampling is linear, so resizing after
+    normalising equals normalising the resized image.
+    """
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < x.shape[-1])
 
 
 class DistillationTask:
@@ -44,9 +55,11 @@ class DistillationTask:
 
     def __init__(self, student: nn.Module, student_norm: InputNorm,
                  teacher: FrozenTeacher | None, cfg: Any, label_smoothing: float = 0.0,
-                 student_core: nn.Module | None = None) -> None:
+                 student_core: nn.Module | None = None,
+                 teacher_image_size: int | None = None) -> None:
         self.student, self.student_norm, self.teacher = student, student_norm, teacher
         self.cfg, self.label_smoothing = cfg, label_smoothing
+        self.teacher_image_size = teacher_image_size
         core = student_core if student_core is not None else student
         self.student_core = core
         if cfg.loss != "none" and teacher is None:
@@ -67,12 +80,22 @@ class DistillationTask:
         return self.cfg.loss != "none"
 
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalise a raw batch for the student and, when its statistics differ, the teacher."""
+        """Normalise a raw batch for the student and, when its statistics differ, the teacher.
+
+        Both get the same (augmented, mixed) images; a teacher with its own
+        ``teacher.image_size`` gets that crop resized on the device.
+        """
         x_student = self.student_norm(images)
         if not self.uses_teacher:
             return x_student, None
+        return x_student, self._teacher_input(images, x_student)
+
+    def _teacher_input(self, images: torch.Tensor, x_student: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None
-        return x_student, x_student if self.share_input else self.teacher.norm(images)
+        x = x_student if self.share_input else self.teacher.norm(images)
+        if self.teacher_image_size and self.teacher_image_size != x.shape[-1]:
+            x = resize(x, self.teacher_image_size)
+        return x
 
     def teacher_forward(self, x_teacher: torch.Tensor | None) -> torch.Tensor | None:
         """Teacher logits without autograd (None when training on labels only)."""
@@ -118,5 +141,5 @@ class DistillationTask:
             s = (s[0] + s[1]) / 2
         t = None
         if self.teacher is not None:
-            t = self.teacher(x_student if self.share_input else self.teacher.norm(images))
+            t = self.teacher(self._teacher_input(images, x_student))
         return s, t

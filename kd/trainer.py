@@ -3,7 +3,8 @@
 Building happens once, in a fixed order: device and distributed → data → models → task →
 optimizer → checkpoint (resume) → metrics. A training step is
 data → teacher forward → student forward → loss → backward → optimizer, each timed and wrapped
-in a ``torch.profiler.record_function`` range of that name.
+in a range of that name (``kd.profiler.annotate``: torch.profiler, NVTX on CUDA, SageMaker
+Profiler where present).
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ import torch.distributed as dist
 from torch import nn
 
 from kd import checkpoint as ckpt
-from kd.config import to_yaml
+from kd.config import to_container, to_yaml
 from kd.data import build_eval_loader, build_train_loader
-from kd.data.datasets import build_dataset
+from kd.data.datasets import build_split
+from kd.data.mix import apply_mixup, build_mixup, mix_seed
+from kd.data.tuning import resolve_num_workers
 from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from kd.errors import ConfigError, DataError, UserError
 from kd.metrics import build_metrics
-from kd.models import build_input_norm, build_student, build_teacher
+from kd.models import build_input_norm, build_student, build_teacher, describe_mismatch
 from kd.optim import build_optimizer, build_scheduler
+from kd.profiler import annotate
 from kd.strategy import build_strategy
-from kd.task import DistillationTask
+from kd.task import DistillationTask, resize
 
 log = logging.getLogger("kd")
 
@@ -66,7 +70,7 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str, host: bool = False) -> Iterator[None]:
-        with torch.profiler.record_function(name):
+        with annotate(name):
             if self.cuda and not host:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -143,14 +147,18 @@ class Trainer:
         self.optimizer = self.strategy.optimizer
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
         # 5. Task: forward passes and loss terms.
+        # With Mixup/CutMix, label smoothing is applied to the mixed targets by Mixup itself.
+        smoothing = 0.0 if self.mixup is not None else tc.label_smoothing
         self.task = DistillationTask(self.strategy.model, self.student_norm, self.teacher,
-                                     cfg.distill, tc.label_smoothing,
-                                     student_core=self.student_core)
+                                     cfg.distill, smoothing, student_core=self.student_core,
+                                     teacher_image_size=cfg.teacher.image_size)
         # 6. Checkpoints and resume.
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints",
                                                   cfg.checkpoint.keep)
         self.step = 0
+        self.n_bad_samples = 0  # unreadable samples skipped by this rank (data.on_error=skip)
+        self._bad_logged: set[str] = set()
         self._saved_step = -1  # step of the newest checkpoint this process wrote
         self._last_eval: dict[str, Any] = {}
         self._maybe_resume(cfg.checkpoint.resume)
@@ -160,16 +168,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- building
     def _build_data(self, dc: Any, channels: int) -> None:
-        common = dict(root=dc.root, image_size=dc.image_size, num_classes=dc.num_classes,
-                      augment=dc.augment, channels=channels, synthetic_size=dc.synthetic_size)
-        self.train_set = build_dataset(dc.name, "train", **common)
-        self.val_set = build_dataset(dc.name, "val", **common)
+        self.train_set = build_split(dc, "train", channels)
+        self.val_set = build_split(dc, "val", channels)
         pin = self.device.type == "cuda"
         r, w = self.dist.rank, self.dist.world_size
+        self.num_workers = resolve_num_workers(
+            dc.num_workers, self.train_set, dc.batch_size, self.dist.local_world_size,
+            cache_key={"data": to_container(dc), "channels": channels}, seed=self.cfg.seed,
+            prefetch_factor=dc.prefetch_factor, pin_memory=pin)
         self.train_loader = build_train_loader(self.train_set, dc.batch_size, self.cfg.seed, r, w,
-                                               dc.num_workers, pin)
+                                               self.num_workers, pin, dc.prefetch_factor)
         self.val_loader = build_eval_loader(self.val_set, dc.eval_batch_size or dc.batch_size,
-                                            r, w, dc.num_workers, pin)
+                                            r, w, self.num_workers, pin, dc.prefetch_factor)
+        self.mixup = build_mixup(dc, dc.num_classes, self.cfg.train.label_smoothing)
         accum = self.cfg.train.grad_accum_steps
         self.steps_per_epoch = len(self.train_loader.batch_sampler) // accum
         if self.steps_per_epoch == 0:
@@ -184,7 +195,8 @@ class Trainer:
 
     def _check_models(self, student: nn.Module, teacher: Any) -> None:
         """Fail before training, with the config key to fix, if a model cannot take the data."""
-        image, _ = self.train_set[0]
+        image = self.train_set[0][0][None]
+        teacher_size = self.cfg.teacher.image_size
         for section, model, norm in (("student", student, self.student_norm),
                                      ("teacher", teacher.model if teacher else None,
                                       teacher.norm if teacher else None)):
@@ -193,18 +205,30 @@ class Trainer:
             was_training = model.training
             try:
                 with torch.no_grad():
-                    model.eval()(norm(image[None]))
+                    x = norm(image)
+                    if section == "teacher" and teacher_size:
+                        x = resize(x, teacher_size)
+                    model.eval()(x)
             except Exception as e:  # shape errors surface as many exception types
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                hint = ("; set teacher.image_size to the size it was trained at"
+                        if section == "teacher" else "")
                 raise ConfigError(
                     f"{section}.kwargs: {section} {getattr(self.cfg, section).name} cannot take "
-                    f"{tuple(image.shape)} images (data.image_size={self.cfg.data.image_size}): "
-                    f"{msg}") from None
+                    f"{tuple(x.shape)} images (data.image_size={self.cfg.data.image_size}): "
+                    f"{msg}{hint}") from None
             finally:
                 model.train(was_training)
 
     def _maybe_resume(self, resume: str) -> None:
         if resume == "none":
+            existing = self.checkpoints.list()
+            if existing:  # a fresh run here would interleave its checkpoints with the old run's
+                raise UserError(
+                    f"output_dir {self.output_dir} already holds checkpoints (newest: "
+                    f"{existing[-1].name}) and checkpoint.resume=none starts a new run: choose "
+                    f"another output_dir, delete {self.checkpoints.directory}, or resume with "
+                    f"checkpoint.resume=auto")
             return
         path = self.checkpoints.latest() if resume == "auto" else Path(resume)
         if self.dist.is_distributed:  # rank 0 decides, so every rank resumes from the same one
@@ -222,14 +246,19 @@ class Trainer:
             log.warning("resuming with a global batch of %d images per step (checkpoint: %d): "
                         "the step count carries over, the position in the epoch is "
                         "approximate", self.global_batch, saved_batch)
+        mismatch = describe_mismatch(self.student_core.state_dict(), student_state)
+        if mismatch:
+            raise UserError(f"checkpoint {path} does not fit student.name/student.kwargs: "
+                            f"{mismatch}")
         try:
             self.student_core.load_state_dict(student_state)
             self.strategy.load_state_dict(state, path)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {path} does not match this config's student or "
-                            f"optimizer: {str(e).splitlines()[0]}") from None
-        if self.scheduler is not None and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
+            raise UserError(f"checkpoint {path} does not match this config's optimizer "
+                            f"(optim.*): {str(e).splitlines()[0]}") from None
+        # The schedule is not restored from the checkpoint: it is a function of the step, and
+        # rebuilding it from this config (step_update below) keeps an extended run (more
+        # train.epochs) on its new schedule.
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             _set_rng_state(rng[self.dist.rank])
@@ -257,7 +286,8 @@ class Trainer:
             except OSError as e:
                 raise UserError(f"output_dir {cfg.output_dir} is not writable: "
                                 f"{e.strerror}") from None
-        metrics = build_metrics(self.output_dir, self.dist.is_main, self.total_steps, self.step)
+        metrics = build_metrics(self.output_dir, self.dist.is_main, self.total_steps, self.step,
+                                log_phases=cfg.train.log_phases)
         t_start = time.perf_counter()
         train_time, train_images = 0.0, 0
         images_per_step = self.global_batch
@@ -311,6 +341,7 @@ class Trainer:
             "img_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
             "world_size": self.dist.world_size, "backend": self.dist.backend,
             "precision": self.precision,
+            "n_bad_samples": self.total_bad_samples(),
             "output_dir": str(self.output_dir),
         }
         if save and self.dist.is_main:
@@ -329,9 +360,14 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             with timer.phase("data", host=True):
-                images, targets = next(batches)
+                images, targets, bad = next(batches)
+                if bad:
+                    self._count_bad(bad)
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
+                if self.mixup is not None:
+                    seed = mix_seed(self.cfg.seed, self.dist.rank, self.step, micro)
+                    images, targets = apply_mixup(self.mixup, images, targets, seed)
                 x_student, x_teacher = task.prepare(images)
             last = micro == accum - 1
             with self.strategy.maybe_no_sync(last):
@@ -349,6 +385,19 @@ class Trainer:
         with timer.phase("optimizer"):
             self.optimizer_step()
         return totals
+
+    def total_bad_samples(self) -> int:
+        """Unreadable samples skipped so far, summed over ranks (a collective: call on all)."""
+        count = torch.tensor([float(self.n_bad_samples)], device=self.device)
+        return int(all_reduce_sum(count).item())
+
+    def _count_bad(self, bad: list[str]) -> None:
+        """Count unreadable samples (replaced by readable ones); name the first few."""
+        for description in bad:
+            if len(self._bad_logged) < 5 and description not in self._bad_logged:
+                self._bad_logged.add(description)
+                log.warning("rank %d: skipped unreadable sample %s", self.dist.rank, description)
+        self.n_bad_samples += len(bad)
 
     def optimizer_step(self) -> None:
         """Step the optimizer through the strategy (clipping, scaling), advance the schedule."""
@@ -377,6 +426,7 @@ class Trainer:
         }
         record.update({PHASE_KEYS[p]: v[3 + i] for i, p in enumerate(PHASES)})
         record["eta_s"] = (self.total_steps - self.step) * elapsed / steps
+        record["n_bad_samples"] = self.total_bad_samples()
         return record
 
     # --------------------------------------------------------------------------- evaluation
@@ -387,7 +437,9 @@ class Trainer:
         k = min(5, self.cfg.data.num_classes)
         counts = torch.zeros(5, device=self.device)  # n, student top1, top5, teacher top1, agree
         try:
-            for images, targets in self.val_loader:
+            for images, targets, bad in self.val_loader:
+                if bad:
+                    self._count_bad(bad)
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 with self._autocast():
@@ -415,7 +467,6 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Every rank takes part (RNG states are gathered); rank 0 writes."""
         state = {"step": self.step, "global_batch": self.global_batch,
-                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "sharded": self.strategy.sharded_checkpoint, "rng": [_rng_state()],
                  **self.strategy.state_dict()}
         if self.dist.is_distributed:

@@ -21,6 +21,15 @@ def run_kd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = Non
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kd_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the loader-tuning cache (data.num_workers=auto) out of the user's home directory;
+    subprocesses inherit it through the environment."""
+    path = tmp_path_factory.mktemp("kd_cache")
+    os.environ["KD_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A teacher for configs/tiny.yaml, trained on labels for a few seconds; its weights path."""

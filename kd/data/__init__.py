@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 
-from kd.data.datasets import KeyedDataset, build_dataset
+from kd.data.datasets import KeyedDataset, build_dataset, collate
 from kd.data.sampler import EvalBatchSampler, TrainBatchSampler
 
 
+def _loader_kwargs(num_workers: int, pin_memory: bool, prefetch_factor: int, seed: int) -> dict:
+    # A loader's own generator: without one, every iter(loader) draws its workers' base seed from
+    # torch's global generator, and a resumed run (which iterates at other points) would then
+    # see other dropout / drop-path masks than an uninterrupted one.
+    kwargs: dict = {"num_workers": num_workers, "pin_memory": pin_memory, "collate_fn": collate,
+                    "generator": torch.Generator().manual_seed(seed)}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = prefetch_factor
+    return kwargs
+
+
 def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: int,
-                       world_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    """A loader over this rank's shuffled full batches; ``loader.batch_sampler.set_epoch`` selects
-    the epoch and the batch to resume from."""
+                       world_size: int, num_workers: int, pin_memory: bool,
+                       prefetch_factor: int = 2) -> DataLoader:
+    """A loader over this rank's shuffled full batches of ``(images, labels, bad)``.
+
+    ``loader.batch_sampler.set_epoch(epoch, start_batch)`` selects the epoch and the batch to
+    resume from. Workers persist across epochs (no re-spawn cost per epoch).
+    """
     sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_sampler=sampler, persistent_workers=num_workers > 0,
+                      **_loader_kwargs(num_workers, pin_memory, prefetch_factor, seed))
 
 
 def build_eval_loader(dataset: KeyedDataset, batch_size: int, rank: int, world_size: int,
-                      num_workers: int, pin_memory: bool) -> DataLoader:
+                      num_workers: int, pin_memory: bool, prefetch_factor: int = 2) -> DataLoader:
     """A loader that visits each sample once across all ranks, unaugmented."""
     sampler = EvalBatchSampler(len(dataset), batch_size, rank, world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory)
+    return DataLoader(dataset, batch_sampler=sampler,
+                      **_loader_kwargs(num_workers, pin_memory, prefetch_factor, 0))
 
 
 __all__ = [
@@ -32,4 +48,5 @@ __all__ = [
     "build_dataset",
     "build_eval_loader",
     "build_train_loader",
+    "collate",
 ]

@@ -8,10 +8,12 @@ function of it; with ``None`` the sample is returned unaugmented (evaluation).
 
 from __future__ import annotations
 
+import io
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +22,54 @@ from torch.utils.data import Dataset
 from kd.data.sampler import SampleKey
 from kd.errors import DataError
 
+# Errors that mean "this sample's file is unreadable" (PIL raises OSError subclasses for
+# truncated and unidentified images, tarfile ReadError is an OSError too).
+SAMPLE_ERRORS = (OSError, ValueError, SyntaxError)
+MAX_REPLACEMENTS = 50
+
 
 class KeyedDataset(Dataset):
-    """Base class: ``dataset[(index, seed)]`` → ``(image, label)``."""
+    """Base class: ``dataset[(index, seed)]`` → ``(image, label, bad)``.
+
+    Subclasses implement :meth:`get` (and :meth:`describe` for file-backed samples). An
+    unreadable sample is replaced by the next readable one of the split (``on_error="skip"``)
+    and reported in ``bad`` (descriptions of the samples skipped), or stops the run with the
+    file's name (``on_error="fail"``).
+    """
 
     channels: int
+    on_error: str = "skip"
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
-    def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, int]:
+    def describe(self, index: int) -> str:
+        """A human-readable name of sample ``index`` (its file, where there is one)."""
+        return f"{type(self).__name__}[{index}]"
+
+    def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, int, list[str]]:
         index, seed = (key, None) if isinstance(key, int) else key
-        return self.get(index, seed)
+        bad: list[str] = []
+        for attempt in range(MAX_REPLACEMENTS):
+            i = (index + attempt) % len(self)
+            try:
+                image, label = self.get(i, seed)
+                return image, label, bad
+            except SAMPLE_ERRORS as e:
+                if self.on_error == "fail":
+                    raise DataError(f"cannot read {self.describe(i)}: {e} (data.on_error=fail; "
+                                    f"set data.on_error=skip to skip unreadable samples)") from None
+                bad.append(f"{self.describe(i)}: {e}")
+        raise DataError(f"{MAX_REPLACEMENTS} consecutive unreadable samples from "
+                        f"{self.describe(index)}: is data.root the dataset you meant?")
+
+
+def collate(samples: list[tuple[torch.Tensor, int, list[str]]]
+            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack a batch; keep the descriptions of the samples skipped while reading it."""
+    images = torch.stack([s[0] for s in samples])
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    return images, labels, [b for s in samples for b in s[2]]
 
 
 def random_affine(image: torch.Tensor, g: torch.Generator, shift: float, degrees: float,
@@ -120,23 +158,24 @@ class ImageFolderDataset(KeyedDataset):
     channels = 3
 
     def __init__(self, root: str, split: str, image_size: int, augment: bool,
-                 num_classes: int) -> None:
-        from timm.data import ImageDataset, create_transform
+                 num_classes: int, transform_kwargs: dict[str, Any] | None = None) -> None:
+        from timm.data import ImageDataset
 
         folder = Path(root) / split
         if not folder.is_dir():
             raise DataError(f"data.root: no '{split}' folder in {root} (imagefolder expects "
                             f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)")
-        # use_prefetcher=True: the transform ends in uint8 (C, H, W); normalising happens on the
-        # device, separately for student and teacher.
-        transform = create_transform(image_size, is_training=augment and split == "train",
-                                     use_prefetcher=True)
+        transform = build_image_transform(image_size, augment and split == "train",
+                                          transform_kwargs)
         try:
-            self.dataset = ImageDataset(str(folder), transform=transform)
+            # Only timm's reader (file listing, class map) is used: ImageDataset itself would
+            # skip unreadable files silently, and kd counts them.
+            self.reader = ImageDataset(str(folder)).reader
         except Exception as e:  # timm raises a bare RuntimeError for an empty folder
             raise DataError(f"data.root: cannot read images in {folder}: {e}") from None
-        classes = getattr(self.dataset.reader, "class_to_idx", {})
-        if len(self.dataset) == 0:
+        self.transform = transform
+        classes = getattr(self.reader, "class_to_idx", {})
+        if len(self.reader) == 0:
             raise DataError(f"data.root: no images found under {folder}")
         if len(classes) != num_classes:
             raise DataError(f"data.num_classes={num_classes} but {folder} has {len(classes)} "
@@ -144,26 +183,97 @@ class ImageFolderDataset(KeyedDataset):
         self.classes = sorted(classes, key=classes.get)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.reader)
+
+    def describe(self, index: int) -> str:
+        return str(self.reader.filename(index, absolute=True))
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
-        if seed is None:
-            image, label = self.dataset[index]
-        else:
-            state = random.getstate(), torch.get_rng_state()
-            random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                image, label = self.dataset[index]
-            finally:
-                random.setstate(state[0])
-                torch.set_rng_state(state[1])
-        return torch.as_tensor(image), int(label)
+        source, label = self.reader[index][:2]
+        return transform_image(self.transform, decode_rgb(source), seed), int(label)
+
+
+def decode_rgb(source: str | Path | bytes | BinaryIO) -> Any:
+    """Decode an image (a path, a file, or its bytes) to an RGB PIL image.
+
+    Decodes now, so truncated or corrupt data fails here with an OSError (an unreadable sample),
+    and with a message that does not depend on where the bytes were held.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise OSError("not an image file PIL can decode") from None
+
+
+def build_image_transform(image_size: int, train: bool,
+                          transform_kwargs: dict[str, Any] | None = None) -> Callable[[Any], Any]:
+    """timm's transform for one split of an image dataset, ending in a uint8 (C, H, W) tensor.
+
+    ``use_prefetcher=True``: normalising happens on the device, separately for student and
+    teacher. ``transform_kwargs`` (see :func:`train_transform_kwargs`) apply to training only.
+    """
+    from timm.data import create_transform
+
+    return create_transform(image_size, is_training=train, use_prefetcher=True,
+                            **((transform_kwargs or {}) if train else {}))
+
+
+def transform_image(transform: Callable[[Any], Any], img: Any, seed: int | None) -> torch.Tensor:
+    """Apply ``transform`` to a decoded PIL image; with a seed, as a pure function of it.
+
+    timm's transforms draw from Python's ``random`` and torch's global generator: both are seeded
+    from ``seed`` for the call and restored after, so a sample's augmentation is the same in any
+    process, worker or restart, and the caller's random streams are untouched.
+    """
+    if seed is None:
+        return torch.as_tensor(transform(img))
+    state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        return torch.as_tensor(transform(img))
+    finally:
+        random.setstate(state[0])
+        torch.set_rng_state(state[1])
+
+
+def train_transform_kwargs(cfg: Any) -> dict[str, Any]:
+    """timm ``create_transform`` arguments for training from the ``data`` config section."""
+    return {"auto_augment": cfg.auto_augment, "color_jitter": cfg.color_jitter,
+            "re_prob": cfg.re_prob, "scale": tuple(cfg.scale), "hflip": cfg.hflip}
+
+
+def source_kwargs(cfg: Any) -> dict[str, Any]:
+    """:func:`build_dataset` arguments locating wds shards and hf columns, from ``data``."""
+    return {"train_shards": cfg.train_shards, "val_shards": cfg.val_shards,
+            "hf_image_key": cfg.hf_image_key, "hf_label_key": cfg.hf_label_key}
 
 
 def build_dataset(name: str, split: str, *, root: str | None, image_size: int, num_classes: int,
-                  augment: bool, channels: int, synthetic_size: int) -> KeyedDataset:
-    """Build one split (``train`` or ``val``) of a dataset by name."""
+                  augment: bool, channels: int, synthetic_size: int, on_error: str = "skip",
+                  transform_kwargs: dict[str, Any] | None = None,
+                  train_shards: str | None = None, val_shards: str | None = None,
+                  hf_image_key: str = "image", hf_label_key: str = "label") -> KeyedDataset:
+    """Build one split (``train`` or ``val``) of a dataset by name.
+
+    ``train_shards``/``val_shards`` are wds shard patterns (None: shards found in ``root``);
+    ``hf_image_key``/``hf_label_key`` name the hf dataset's columns (see :func:`source_kwargs`).
+    """
+    source = {"shards": train_shards if split == "train" else val_shards,
+              "image_key": hf_image_key, "label_key": hf_label_key}
+    dataset = _build(name, split, root=root, image_size=image_size, num_classes=num_classes,
+                     augment=augment, channels=channels, synthetic_size=synthetic_size,
+                     transform_kwargs=transform_kwargs, source=source)
+    dataset.on_error = on_error
+    return dataset
+
+
+def _build(name: str, split: str, *, root: str | None, image_size: int, num_classes: int,
+           augment: bool, channels: int, synthetic_size: int,
+           transform_kwargs: dict[str, Any] | None, source: dict[str, Any]) -> KeyedDataset:
     if name == "digits":
         if num_classes != DigitsDataset.num_classes:
             raise DataError(f"data.num_classes={num_classes} but digits has 10 classes; "
@@ -177,10 +287,35 @@ def build_dataset(name: str, split: str, *, root: str | None, image_size: int, n
         if root is None or not Path(root).is_dir():
             raise DataError(f"data.root: folder not found: {root} (point it at a folder with "
                             f"train/ and val/ class sub-folders)")
-        return ImageFolderDataset(root, split, image_size, augment, num_classes)
+        return ImageFolderDataset(root, split, image_size, augment, num_classes,
+                                  transform_kwargs)
+    train = augment and split == "train"
+    if name == "wds":
+        from kd.data.wds import build_wds_dataset
+
+        return build_wds_dataset(split, root=root, shards=source["shards"], image_size=image_size,
+                                 train=train, num_classes=num_classes,
+                                 transform_kwargs=transform_kwargs)
+    if name == "hf":
+        from kd.data.hf import HFDiskDataset
+
+        if root is None or not Path(root).is_dir():
+            raise DataError(f"data.root: folder not found: {root} (point it at a dataset "
+                            f"saved with save_to_disk)")
+        return HFDiskDataset(root, split, image_size=image_size, train=train,
+                             num_classes=num_classes, image_key=source["image_key"],
+                             label_key=source["label_key"], transform_kwargs=transform_kwargs)
     raise DataError(f"data.name: unknown dataset '{name}'")
 
 
 def dataset_info(ds: Any) -> dict[str, Any]:
     """A short description for logs."""
     return {"type": type(ds).__name__, "size": len(ds), "channels": ds.channels}
+
+
+def build_split(cfg: Any, split: str, channels: int) -> KeyedDataset:
+    """One split of the dataset the ``data`` config section describes, as training uses it."""
+    return build_dataset(cfg.name, split, root=cfg.root, image_size=cfg.image_size,
+                         num_classes=cfg.num_classes, augment=cfg.augment, channels=channels,
+                         synthetic_size=cfg.synthetic_size, on_error=cfg.on_error,
+                         transform_kwargs=train_transform_kwargs(cfg), **source_kwargs(cfg))

@@ -215,10 +215,10 @@ def test_digits_are_reproducible(digits_train: DigitsDataset) -> None:
 
 
 def test_digits_augmentation(digits_train: DigitsDataset) -> None:
-    a, ya = digits_train[(3, 7)]
-    b, yb = digits_train[(3, 7)]
-    c, _ = digits_train[(3, 8)]
-    plain, yp = digits_train[(3, None)]
+    a, ya, _ = digits_train[(3, 7)]
+    b, yb, _ = digits_train[(3, 7)]
+    c, _, _ = digits_train[(3, 8)]
+    plain, yp, _ = digits_train[(3, None)]
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert torch.equal(plain, digits_train.images[3])
@@ -279,7 +279,7 @@ def test_synthetic_labels_and_sizes() -> None:
     assert [tr[i][1] for i in range(len(tr))] == [i % 3 for i in range(40)]
     assert [va[i][1] for i in range(len(va))] == [i % 3 for i in range(10)]
     assert len(synthetic("val", size=4, classes=3)) == 3  # at least one image per class
-    img, _ = tr[(5, 11)]
+    img, _, _ = tr[(5, 11)]
     assert img.shape == (3, 8, 8) and img.dtype == torch.float32
     assert img.min() >= 0 and img.max() <= 1
 
@@ -331,15 +331,15 @@ def test_imagefolder_sizes_labels_and_tensors(image_root: Path) -> None:
     assert sorted(tr[i][1] for i in range(len(tr))) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [va[i][1] for i in range(len(va))] == [0, 0, 1, 1, 2, 2]
     for ds, key in ((tr, (0, 5)), (tr, 0), (va, 0)):
-        img, _ = ds[key]
+        img, _, _ = ds[key]
         assert img.dtype == torch.uint8
         assert img.shape == (3, 16, 16)
 
 
 def test_imagefolder_augmentation_is_reproducible(image_root: Path) -> None:
     tr = imagefolder(image_root, "train")
-    a, _ = tr[(1, 5)]
-    b, _ = tr[(1, 5)]
+    a, _, _ = tr[(1, 5)]
+    b, _, _ = tr[(1, 5)]
     assert torch.equal(a, b)
     others = [tr[(1, s)][0] for s in range(6, 12)]
     assert any(not torch.equal(a, o) for o in others)
@@ -407,7 +407,8 @@ def test_train_loader_batches_follow_the_sampler() -> None:
     keys = batches(loader.batch_sampler)
     got = list(loader)
     assert len(got) == 3
-    for (images, labels), ks in zip(got, keys):
+    for (images, labels, bad), ks in zip(got, keys):
+        assert bad == []
         assert images.shape == (8, 3, 8, 8)
         assert labels.tolist() == [i % 4 for i, _ in ks]
         expected = torch.stack([ds[k][0] for k in ks])
@@ -417,8 +418,8 @@ def test_train_loader_batches_follow_the_sampler() -> None:
 def test_eval_loader_is_unaugmented_and_complete() -> None:
     ds = synthetic("val", size=40, classes=3)
     loader = build_eval_loader(ds, 4, rank=0, world_size=1, num_workers=0, pin_memory=False)
-    images = torch.cat([x for x, _ in loader])
-    labels = torch.cat([y for _, y in loader])
+    images = torch.cat([x for x, _, _ in loader])
+    labels = torch.cat([y for _, y, _ in loader])
     assert len(images) == len(ds)
     assert labels.tolist() == [i % 3 for i in range(len(ds))]
     assert torch.equal(images, torch.stack([ds[i][0] for i in range(len(ds))]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -76,22 +78,26 @@ def test_sagemaker_master_is_first_host():
         sagemaker_master_addr({"SM_HOSTS": "algo-1,algo-2"})
 
 
-def test_export_env_fills_rendezvous_from_sagemaker(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+@pytest.fixture
+def environ(monkeypatch) -> dict[str, str]:
+    """A private copy of the environment: what _export_env writes must not leak into other
+    tests (a leaked RANK/WORLD_SIZE makes later in-process runs wait for a rendezvous)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", env)
+    return env
+
+
+def test_export_env_fills_rendezvous_from_sagemaker(environ):
     info = WorldInfo(3, 16, 3, 8, "mpi")
     kd_dist._export_env(info, {"SM_HOSTS": '["algo-1", "algo-2"]'})
-    import os
-
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == (
-        "3", "16", "3")
-    assert os.environ["MASTER_ADDR"] == "algo-1"
-    assert os.environ["MASTER_PORT"] == kd_dist.DEFAULT_MASTER_PORT
+    assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("3", "16", "3")
+    assert environ["MASTER_ADDR"] == "algo-1"
+    assert environ["MASTER_PORT"] == kd_dist.DEFAULT_MASTER_PORT
 
 
-def test_export_env_without_any_rendezvous_address_is_a_config_error(monkeypatch):
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
+def test_export_env_without_any_rendezvous_address_is_a_config_error(environ):
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
         kd_dist._export_env(WorldInfo(0, 4, 0, 4, "slurm"), {})
 
