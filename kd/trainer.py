@@ -112,8 +112,8 @@ class Trainer:
     """Distils ``cfg.teacher`` into ``cfg.student``; see :func:`Trainer.train`.
 
     Example:
-        >>> from kd.config import load_config
-        >>> trainer = Trainer(load_config(None, ["train.max_steps=20"]))  # doctest: +SKIP
+        >>> from kd.config import DEMO_PRESET, load_config
+        >>> trainer = Trainer(load_config(DEMO_PRESET, ["train.max_steps=20"]))  # doctest: +SKIP
         >>> summary = trainer.train()  # doctest: +SKIP
     """
 
