@@ -18,6 +18,7 @@ world of one and needs no process group.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -48,13 +49,9 @@ class WorldInfo:
 
 
 @dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in the job."""
+class DistInfo(WorldInfo):
+    """Where this process sits in the job: the launcher's layout plus its device and backend."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
     device: torch.device = torch.device("cpu")
     backend: str | None = None
 
@@ -191,8 +188,7 @@ def init_distributed(cfg: Any, device_preference: str = "auto") -> DistInfo:
         _export_env(info, env)
         dist.init_process_group(backend=backend, init_method="env://",
                                 timeout=timedelta(seconds=cfg.timeout_s))
-    return DistInfo(info.rank, info.world_size, info.local_rank, info.local_world_size, device,
-                    backend)
+    return DistInfo(**dataclasses.asdict(info), device=device, backend=backend)
 
 
 def cleanup(wait: bool = False) -> None:

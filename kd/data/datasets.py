@@ -64,6 +64,12 @@ class KeyedDataset(Dataset):
                         f"{self.describe(index)}: is data.root the dataset you meant?")
 
 
+def label_out_of_range(num_classes: int, where: str, label: int) -> DataError:
+    """The error for a label the configured number of classes cannot hold."""
+    return DataError(f"data.num_classes={num_classes} but {where} has label {label}; set "
+                     f"data.num_classes to at least {label + 1}")
+
+
 def collate(samples: list[tuple[torch.Tensor, int, list[str]]]
             ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Stack a batch; keep the descriptions of the samples skipped while reading it."""

@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from kd.data.datasets import KeyedDataset, build_image_transform, decode_rgb, transform_image
+from kd.data.datasets import (
+    KeyedDataset,
+    build_image_transform,
+    decode_rgb,
+    label_out_of_range,
+    transform_image,
+)
 from kd.errors import DataError
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val")}
@@ -115,9 +121,7 @@ class HFDiskDataset(KeyedDataset):
                             f"{column.type}, not integer class indices")
         top = pc.max(column).as_py()
         if top is not None and top >= num_classes:
-            raise DataError(f"data.num_classes={num_classes} but column '{self.label_key}' in "
-                            f"{folder} has label {top}; set data.num_classes to at least "
-                            f"{top + 1}")
+            raise label_out_of_range(num_classes, f"column '{self.label_key}' in {folder}", top)
 
     def __len__(self) -> int:
         return len(self.data)

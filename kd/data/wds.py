@@ -61,7 +61,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from kd.data.datasets import KeyedDataset, build_image_transform, decode_rgb, transform_image
+from kd.data.datasets import (
+    KeyedDataset,
+    build_image_transform,
+    decode_rgb,
+    label_out_of_range,
+    transform_image,
+)
 from kd.errors import DataError
 
 log = logging.getLogger("kd")
@@ -278,9 +284,7 @@ class WdsDataset(KeyedDataset):
     def _check_labels(self, num_classes: int) -> None:
         top = int(self.labels.argmax())
         if self.labels[top] >= num_classes:
-            raise DataError(f"data.num_classes={num_classes} but {self.describe(top)} has label "
-                            f"{self.labels[top]}; set data.num_classes to at least "
-                            f"{self.labels[top] + 1}")
+            raise label_out_of_range(num_classes, self.describe(top), int(self.labels[top]))
 
     def __len__(self) -> int:
         return len(self.offsets)
