@@ -314,11 +314,6 @@ def _build(name: str, split: str, *, root: str | None, image_size: int, num_clas
     raise DataError(f"data.name: unknown dataset '{name}'")
 
 
-def dataset_info(ds: Any) -> dict[str, Any]:
-    """A short description for logs."""
-    return {"type": type(ds).__name__, "size": len(ds), "channels": ds.channels}
-
-
 def build_split(cfg: Any, split: str, channels: int) -> KeyedDataset:
     """One split of the dataset the ``data`` config section describes, as training uses it."""
     return build_dataset(cfg.name, split, root=cfg.root, image_size=cfg.image_size,
