@@ -95,6 +95,17 @@ class DataConfig:
         "set); null: found in `data.root`.")
     val_shards: str | None = _field(
         None, "wds: the validation shards, as `data.train_shards`; null: found in `data.root`.")
+    stream: bool = _field(
+        False, "wds: stream the training shards front to back through a shuffle buffer, split "
+        "by shard across ranks and loader workers, instead of indexing every sample at start-up "
+        "(for shards on shared storage and very large splits; resume stays exact). Validation "
+        "is always indexed.")
+    shuffle_buffer: int = _field(
+        1000, "wds with `data.stream`: samples each reader holds to shuffle from (memory: about "
+        "this many encoded images per loader worker).")
+    train_samples: int | None = _field(
+        None, "wds with `data.stream`: samples per epoch across all ranks; null: counted once by "
+        "a header scan of the shards (cached on disk by shard path, size and time).")
     hf_image_key: str = _field("image", "hf: the column holding the images (an Image feature).")
     hf_label_key: str = _field("label", "hf: the column holding the class indices.")
     num_classes: int = _field(1000, "Number of classes; teacher and student heads must match it.")
@@ -430,6 +441,12 @@ def validate(cfg: Any) -> None:
     _check(cfg.data.name != "wds" or bool(cfg.data.root) or bool(
         cfg.data.train_shards and cfg.data.val_shards), "data.root", cfg.data.root,
         "wds needs a folder of shards, or both data.train_shards and data.val_shards")
+    _check(not cfg.data.stream or cfg.data.name == "wds", "data.stream", cfg.data.stream,
+           "only wds shards can be streamed; set data.stream=false")
+    _check(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", cfg.data.shuffle_buffer,
+           "must be > 0 (1: no shuffling within a reader)")
+    _check(cfg.data.train_samples is None or cfg.data.train_samples > 0, "data.train_samples",
+           cfg.data.train_samples, "must be > 0 or null")
     for section in ("student", "teacher"):
         kwargs = OmegaConf.select(cfg, f"{section}.kwargs")
         _check("num_classes" not in kwargs, f"{section}.kwargs.num_classes",

@@ -27,6 +27,7 @@ from kd.config import to_container, to_yaml
 from kd.data import build_eval_loader, build_train_loader
 from kd.data.datasets import build_split
 from kd.data.mix import apply_mixup, build_mixup, mix_seed
+from kd.data.stream import StreamBatchSampler
 from kd.data.tuning import resolve_num_workers
 from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from kd.errors import ConfigError, DataError, UserError
@@ -168,7 +169,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- building
     def _build_data(self, dc: Any, channels: int) -> None:
-        self.train_set = build_split(dc, "train", channels)
+        self.train_set = build_split(dc, "train", channels, seed=self.cfg.seed)
         self.val_set = build_split(dc, "val", channels)
         pin = self.device.type == "cuda"
         r, w = self.dist.rank, self.dist.world_size
@@ -220,6 +221,19 @@ class Trainer:
             finally:
                 model.train(was_training)
 
+    def _restore_stream_slots(self, saved: int | None) -> None:
+        """A streamed split resumes exactly only with the readers that began its epoch."""
+        sampler = self.train_loader.batch_sampler
+        if saved is None or not isinstance(sampler, StreamBatchSampler) or saved == sampler.slots:
+            return
+        log.warning("data.stream: keeping the checkpoint's %d readers per rank (this run has %d "
+                    "loader workers) so that the data order continues exactly; reading costs "
+                    "more unless data.num_workers=%d", saved, self.num_workers, saved)
+        dc = self.cfg.data
+        self.train_loader = build_train_loader(
+            self.train_set, dc.batch_size, self.cfg.seed, self.dist.rank, self.dist.world_size,
+            self.num_workers, self.device.type == "cuda", dc.prefetch_factor, stream_slots=saved)
+
     def _maybe_resume(self, resume: str) -> None:
         if resume == "none":
             existing = self.checkpoints.list()
@@ -241,6 +255,7 @@ class Trainer:
         if bool(state.get("sharded")) != self.strategy.sharded_checkpoint:
             raise UserError(f"checkpoint {path} was written with another dist.strategy; resume "
                             f"it with the strategy that wrote it")
+        self._restore_stream_slots(state.get("stream_slots"))
         saved_batch = state.get("global_batch", self.global_batch)
         if saved_batch != self.global_batch:
             log.warning("resuming with a global batch of %d images per step (checkpoint: %d): "
@@ -468,6 +483,7 @@ class Trainer:
         """Every rank takes part (RNG states are gathered); rank 0 writes."""
         state = {"step": self.step, "global_batch": self.global_batch,
                  "sharded": self.strategy.sharded_checkpoint, "rng": [_rng_state()],
+                 "stream_slots": getattr(self.train_loader.batch_sampler, "slots", None),
                  **self.strategy.state_dict()}
         if self.dist.is_distributed:
             gathered: list[Any] = [None] * self.dist.world_size

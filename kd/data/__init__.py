@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.utils.data import DataLoader
 
 from kd.data.datasets import KeyedDataset, build_dataset, collate
 from kd.data.sampler import EvalBatchSampler, TrainBatchSampler
+
+log = logging.getLogger("kd")
 
 
 def _loader_kwargs(num_workers: int, pin_memory: bool, prefetch_factor: int, seed: int) -> dict:
@@ -22,13 +26,28 @@ def _loader_kwargs(num_workers: int, pin_memory: bool, prefetch_factor: int, see
 
 def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: int,
                        world_size: int, num_workers: int, pin_memory: bool,
-                       prefetch_factor: int = 2) -> DataLoader:
+                       prefetch_factor: int = 2, stream_slots: int | None = None
+                       ) -> DataLoader:
     """A loader over this rank's shuffled full batches of ``(images, labels, bad)``.
 
     ``loader.batch_sampler.set_epoch(epoch, start_batch)`` selects the epoch and the batch to
-    resume from. Workers persist across epochs (no re-spawn cost per epoch).
+    resume from. Workers persist across epochs (no re-spawn cost per epoch). A streamed dataset
+    (:class:`kd.data.stream.WdsStreamDataset`) is read by ``stream_slots`` readers per rank
+    (None: one per worker).
     """
-    sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+    from kd.data.stream import StreamBatchSampler, WdsStreamDataset
+
+    sampler: TrainBatchSampler | StreamBatchSampler
+    if isinstance(dataset, WdsStreamDataset):
+        slots = stream_slots or max(1, num_workers)
+        sampler = StreamBatchSampler(len(dataset), batch_size, rank, world_size, slots)
+        units = world_size * slots
+        if len(dataset.shards) < units:
+            log.warning("wds: %d shards for %d readers (%d ranks x %d): every reader reads "
+                        "every shard and keeps 1/%d of its samples; use at least %d shards",
+                        len(dataset.shards), units, world_size, slots, units, units)
+    else:
+        sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size)
     return DataLoader(dataset, batch_sampler=sampler, persistent_workers=num_workers > 0,
                       **_loader_kwargs(num_workers, pin_memory, prefetch_factor, seed))
 

@@ -314,8 +314,22 @@ def _build(name: str, split: str, *, root: str | None, image_size: int, num_clas
     raise DataError(f"data.name: unknown dataset '{name}'")
 
 
-def build_split(cfg: Any, split: str, channels: int) -> KeyedDataset:
-    """One split of the dataset the ``data`` config section describes, as training uses it."""
+def build_split(cfg: Any, split: str, channels: int, seed: int = 0) -> KeyedDataset:
+    """One split of the dataset the ``data`` config section describes, as training uses it.
+
+    ``seed`` (the run's) orders a streamed training split (``data.stream``, see
+    :mod:`kd.data.stream`); an indexed split's order is the sampler's business.
+    """
+    if cfg.stream and split == "train":
+        from kd.data.stream import build_stream_dataset
+
+        dataset = build_stream_dataset(
+            root=cfg.root, shards=cfg.train_shards, image_size=cfg.image_size,
+            train=cfg.augment, num_classes=cfg.num_classes, seed=seed,
+            buffer_size=cfg.shuffle_buffer, num_samples=cfg.train_samples,
+            transform_kwargs=train_transform_kwargs(cfg))
+        dataset.on_error = cfg.on_error
+        return dataset
     return build_dataset(cfg.name, split, root=cfg.root, image_size=cfg.image_size,
                          num_classes=cfg.num_classes, augment=cfg.augment, channels=channels,
                          synthetic_size=cfg.synthetic_size, on_error=cfg.on_error,

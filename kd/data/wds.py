@@ -19,15 +19,14 @@ Where the shards are (the split convention):
 * otherwise ``data.root`` is a directory holding the split's shards as ``<root>/train-*.tar``
   and ``<root>/val-*.tar``, or in sub-folders ``<root>/train/*.tar`` and ``<root>/val/*.tar``.
 
-Why random access, not streaming: at start-up every shard is scanned once with :mod:`tarfile`
+Why random access by default: at start-up every shard is scanned once with :mod:`tarfile`
 (headers only, plus the few bytes of each label member) into an in-memory index of each sample's
 image offset and size and its label; a sample is then read with one seek. That makes the dataset
-an ordinary keyed dataset, so kd's index-based sampler gives exact mid-epoch resume and each
-sample's augmentation is a pure function of its seed, in any worker, rank or restart. Streaming
-shards through a shuffle buffer (the usual way to read from object stores such as S3) is not
-implemented: the order it produces depends on buffer state and worker timing, which would lose
-exact resume and per-sample reproducibility. Copy shards to local disk (or a mounted file
-system) instead.
+an ordinary keyed dataset, so kd's index-based sampler gives exact mid-epoch resume, a global
+shuffle, and each sample's augmentation is a pure function of its seed, in any worker, rank or
+restart. For shards on shared storage, where seeks are slow, or splits too large to scan at
+every start, ``data.stream=true`` reads the training shards front to back through a shuffle
+buffer instead (:mod:`kd.data.stream`; resume stays exact there too).
 
 Costs: the scan reads a 512-byte header per member and seeks past the data; Python's tarfile
 parses about 10,000 headers a second per core (measured on a 2-core machine: 0.23 ms per
