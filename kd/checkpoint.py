@@ -10,6 +10,8 @@ Layout under ``<output_dir>/checkpoints/``::
         deepspeed/            DeepSpeed's sharded files (dist.strategy=deepspeed only)
         manifest.json         size and sha256 of every file above, kd version, step
     latest                    name of the newest complete checkpoint
+    best.json                 which checkpoint has the best student top-1 so far (pruning
+                              keeps the newest ``checkpoint.keep`` plus that one)
 
 A checkpoint is written into a temporary sibling directory, every file flushed and fsynced,
 then renamed into place; ``latest`` is replaced atomically after that. A crash while saving
@@ -31,12 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kd
-from kd.errors import CheckpointError
+from kd.errors import CheckpointError, output_error
 
 STUDENT_FILE = "student.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
+BEST_FILE = "best.json"  # which checkpoint has the best student top-1 so far
 _PREFIX = "step_"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -88,11 +91,14 @@ def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         _write_file(tmp, lambda p: save_file(contiguous_state(state), str(p), metadata=metadata))
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permissions: the old file (if any) stays
+        tmp.unlink(missing_ok=True)
+        raise output_error(f"cannot write {path}", e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -122,9 +128,12 @@ class CheckpointManager:
     def begin(self, step: int) -> Path:
         """A fresh temporary directory for checkpoint ``step``; others may write shards into it
         (on a file system every rank sees) before :meth:`commit`."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         prefix = f".tmp_{self.path_for(step).name}_"
-        return Path(tempfile.mkdtemp(dir=self.directory, prefix=prefix))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(dir=self.directory, prefix=prefix))
+        except OSError as e:
+            raise output_error(f"cannot save checkpoint {self.path_for(step)}", e) from None
 
     def commit(self, tmp: Path, step: int, student_state: dict[str, torch.Tensor],
                train_state: dict[str, Any], config_yaml: str) -> Path:
@@ -152,16 +161,49 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.directory)
+        except OSError as e:  # e.g. a full disk: the half-written directory goes, older stay
+            shutil.rmtree(tmp, ignore_errors=True)
+            # Without the file name: it lay in the temporary directory, now removed.
+            raise output_error(f"cannot save checkpoint {final} (earlier checkpoints are "
+                               f"intact)", OSError(e.errno, e.strerror)) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(self.directory / "latest", final.name + "\n")
+        try:
+            atomic_write_text(self.directory / "latest", final.name + "\n")
+        except OSError as e:  # the checkpoint is complete; latest() finds it without a pointer
+            raise output_error(f"saved checkpoint {final} but cannot update "
+                               f"{self.directory / 'latest'}", e) from None
         self._prune()
         return final
 
+    def mark_best(self, step: int, metric: str, value: float) -> None:
+        """Record checkpoint ``step`` as the best so far (kept by pruning, whatever its age)."""
+        record = {"checkpoint": self.path_for(step).name, "step": step, metric: value}
+        try:
+            atomic_write_text(self.directory / BEST_FILE, json.dumps(record) + "\n")
+        except OSError as e:
+            raise output_error(f"cannot record the best checkpoint in {self.directory}", e
+                               ) from None
+        self._prune()
+
+    def best(self) -> dict[str, Any] | None:
+        """The best-checkpoint record (see :meth:`mark_best`), if any and still on disk."""
+        try:
+            record = json.loads((self.directory / BEST_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or not (self.directory / str(
+                record.get("checkpoint"))).is_dir():
+            return None
+        return record
+
     def _prune(self) -> None:
+        best = self.best()
+        keep_best = self.directory / best["checkpoint"] if best else None
         for path in self.list()[:-self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            if path != keep_best:
+                shutil.rmtree(path, ignore_errors=True)
         for stale in self.directory.glob(".tmp_*"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -172,6 +214,27 @@ class CheckpointManager:
         found = [p for p in self.directory.glob(f"{_PREFIX}*")
                  if p.is_dir() and (p / MANIFEST_FILE).is_file()]
         return sorted(found, key=lambda p: p.name)
+
+    def resumable(self) -> Path | None:
+        """:meth:`latest`, or None when there is no checkpoint at all.
+
+        Raises:
+            CheckpointError: there are checkpoints but none verifies; starting over silently
+                would mix a new run's checkpoints and metrics with the damaged run's.
+        """
+        path = self.latest()
+        found = self.list()
+        if path is None and found:
+            try:
+                verify(found[-1])
+                reason = ""
+            except CheckpointError as e:
+                reason = f" ({e})"
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoints in {self.directory} passes its checks, "
+                f"newest {found[-1].name}{reason}; restore a good copy, or delete "
+                f"{self.directory} to start over")
+        return path
 
     def latest(self) -> Path | None:
         """The newest checkpoint that verifies; corrupt ones are skipped (newest first)."""
@@ -195,6 +258,9 @@ def verify(path: str | Path) -> dict[str, Any]:
     """Check a checkpoint's files against its manifest; return the manifest."""
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is not a kd checkpoint: not found; pass a "
+                              f"checkpoints/step_* directory")
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} is not a kd checkpoint (no {MANIFEST_FILE}); pass a "
                               f"checkpoints/step_* directory")
@@ -216,11 +282,21 @@ def verify(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else "unreadable"
+
+
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """Verify and read a checkpoint: ``(student_state, train_state, config_yaml)``."""
     path = Path(path)
     verify(path)
-    student = load_file(str(path / STUDENT_FILE))
+    # The checksums match, yet the files may have been written wrong (or the manifest rewritten):
+    # a reader's exception becomes one line.
+    try:
+        student = load_file(str(path / STUDENT_FILE))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path / STUDENT_FILE}: {type(e).__name__}: "
+                              f"{_first_line(e)}") from None
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:

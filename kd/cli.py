@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kd.errors import UserError
+from kd.errors import OUTPUT_ERRNOS, Preempted, UserError, output_error
 
 log = logging.getLogger("kd")
 
@@ -84,15 +84,26 @@ def _version() -> str:
 
 @contextlib.contextmanager
 def _process_group() -> Iterator[None]:
-    """Tear the process group down at the end: after every rank finished, or at once on error."""
-    from kd.dist import cleanup
+    """Tear the process group down at the end: after every rank finished, or at once on error.
+
+    A collective that failed because another rank died or hung becomes a DistributedError that
+    names that rank; any other error is published for the other ranks first (kd.watchdog).
+    """
+    from kd.dist import barrier, cleanup
+    from kd.watchdog import diagnose
 
     try:
         yield
-    except BaseException:
-        cleanup(wait=False)
+        # Wait for every rank, so none tears down its communicators while another still uses
+        # them (seen once as an abort at exit with DeepSpeed on gloo).
+        barrier()
+    except BaseException as e:
+        fault = diagnose(e)
+        cleanup()
+        if fault is not None:
+            raise fault from None
         raise
-    cleanup(wait=True)
+    cleanup()
 
 
 def _setup_logging() -> None:
@@ -174,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         except OSError as e:
-            raise UserError(f"--out {out}: cannot write: {e.strerror}") from None
+            raise output_error(f"--out {out}: cannot write it", e, setting="--out") from None
         _print_results({**record, "output_dir": str(out)})
     return 0
 
@@ -259,6 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"kd: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:  # anything else may be a bug in kd: keep the traceback
+            raise
+        print(f"kd: error: {output_error('cannot read or write', e)}", file=sys.stderr)
+        return UserError.exit_code
+    except Preempted as e:
+        print(f"kd: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kd: interrupted", file=sys.stderr)

@@ -193,13 +193,18 @@ class TrainConfig:
         "step of data, teacher, forward, backward and optim since the previous log step, and "
         "img/s, the numbers of that step's `metrics.jsonl` record.")
     eval_every_epochs: int = _field(1, "Evaluate every N epochs (and always at the end).")
+    max_skipped_steps: int = _field(
+        20, "An optimizer step with a non-finite loss or gradient is skipped and counted "
+        "(`n_skipped_steps`); this many consecutive skips stop the run (exit code 4), checked at "
+        "log steps. 0: never stop.")
     device: str = _field("auto", "`auto` (cuda when present), `cpu`, `cuda`.")
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = _field(1000, "Save every N optimizer steps (and at the end); 0: end only.")
-    keep: int = _field(3, "Checkpoints to keep (oldest deleted first).")
+    keep: int = _field(3, "Checkpoints to keep (oldest deleted first), plus the one with the "
+                       "best student top-1 so far.")
     resume: str = _field(
         "auto", "`auto`: resume from the latest checkpoint in `output_dir` if any; `none`: "
         "start fresh; or a checkpoint directory path.")
@@ -303,6 +308,8 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
             raise ConfigError(f"{source}: '{section}' is a section, not a value; set its keys "
                               f"(e.g. {example}=...)") from None
         msg = (e.msg or str(e)).splitlines()[0]
+        if "is not a ListConfig" in msg:  # OmegaConf names its node classes, not the fix
+            msg = f"expected a list, e.g. {e.full_key or 'key'}=[1, 2]"
         raise ConfigError(f"{source}: invalid value for '{e.full_key or '?'}': {msg}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
@@ -443,6 +450,8 @@ def validate(cfg: Any) -> None:
         "wds needs a folder of shards, or both data.train_shards and data.val_shards")
     _check(not cfg.data.stream or cfg.data.name == "wds", "data.stream", cfg.data.stream,
            "only wds shards can be streamed; set data.stream=false")
+    _check(cfg.train.max_skipped_steps >= 0, "train.max_skipped_steps",
+           cfg.train.max_skipped_steps, "must be >= 0 (0: never stop)")
     _check(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", cfg.data.shuffle_buffer,
            "must be > 0 (1: no shuffling within a reader)")
     _check(cfg.data.train_samples is None or cfg.data.train_samples > 0, "data.train_samples",

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kd import watchdog
 from kd.errors import ConfigError
 
 SMDDP_MODULE = "smdistributed.dataparallel.torch.torch_smddp"
@@ -164,6 +165,18 @@ def _export_env(info: WorldInfo, env: Mapping[str, str]) -> None:
     os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
 
 
+def _attempt_store(info: WorldInfo, env: dict[str, str], timeout: timedelta) -> dist.Store:
+    """The ``env://`` store, under a key prefix of its own for each torchrun restart.
+
+    torchrun (c10d rendezvous) keeps one TCP store for all the restarts of a job and hands it to
+    the workers of every attempt; without a prefix, the workers of a restarted group could read
+    the keys their dead predecessors wrote (gloo peer addresses, NCCL unique ids) and connect to
+    processes that no longer exist. ``TORCHELASTIC_RESTART_COUNT`` numbers the attempts.
+    """
+    store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+    return dist.PrefixStore(f"kd/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(cfg: Any, device_preference: str = "auto") -> DistInfo:
     """Initialise the process group when the launcher started several processes.
 
@@ -186,25 +199,19 @@ def init_distributed(cfg: Any, device_preference: str = "auto") -> DistInfo:
         importlib.import_module(SMDDP_MODULE)  # registers the "smddp" backend with torch
     if not dist.is_initialized():
         _export_env(info, env)
-        dist.init_process_group(backend=backend, init_method="env://",
-                                timeout=timedelta(seconds=cfg.timeout_s))
+        timeout = timedelta(seconds=cfg.timeout_s)
+        dist.init_process_group(backend=backend, store=_attempt_store(info, env, timeout),
+                                rank=info.rank, world_size=info.world_size, timeout=timeout)
+        # Heartbeats, so that a rank that dies or hangs is named by the others (kd.watchdog).
+        watchdog.start(info.rank, info.world_size, cfg.timeout_s)
     return DistInfo(**dataclasses.asdict(info), device=device, backend=backend)
 
 
-def cleanup(wait: bool = False) -> None:
-    """Destroy the process group, if any.
-
-    Args:
-        wait: first wait until every rank gets here: after a successful run, so no rank tears
-            down its communicators while another still uses them (seen once as an abort at
-            exit with DeepSpeed on gloo). Not after an error: the other ranks may never come.
-    """
+def cleanup() -> None:
+    """Stop the heartbeats and destroy the process group, if any."""
+    watchdog.stop()
     if dist.is_initialized():
-        try:
-            if wait:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

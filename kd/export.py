@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from kd import checkpoint as ckpt
-from kd.errors import UserError
+from kd.errors import CheckpointError, output_error
 
 
 def export_student(checkpoint: str | Path, out: str | Path) -> Path:
@@ -28,7 +28,7 @@ def export_student(checkpoint: str | Path, out: str | Path) -> Path:
     import timm.models
 
     from kd.config import load_config
-    from kd.models import build_input_norm, build_student
+    from kd.models import build_input_norm, build_student, describe_mismatch
 
     student_state, _, config_yaml = ckpt.load(checkpoint)
     out = Path(out)
@@ -37,6 +37,10 @@ def export_student(checkpoint: str | Path, out: str | Path) -> Path:
         cfg_path.write_text(config_yaml)
         cfg = load_config(str(cfg_path))
     model = build_student(cfg.student, cfg.data.num_classes)
+    mismatch = describe_mismatch(model.state_dict(), student_state)
+    if mismatch:  # weights and config.yaml of different students (one of them replaced)
+        raise CheckpointError(f"checkpoint {checkpoint}: its student weights do not fit its "
+                              f"config.yaml (student.name/student.kwargs): {mismatch}")
     model.load_state_dict(student_state)
     norm = build_input_norm(model, cfg.student.mean, cfg.student.std, "student")
     channels = int(norm.mean.numel())
@@ -49,7 +53,7 @@ def export_student(checkpoint: str | Path, out: str | Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write: {e.strerror}") from None
+        raise output_error(f"--out {out}: cannot write it", e, setting="--out") from None
     try:
         timm.models.save_for_hf(model, str(staging), model_args=model_args,
                                 safe_serialization=True, data_config=data_config)

@@ -101,15 +101,16 @@ class ConsoleSink:
                         f"{record['agreement']:.4f}")
             self._print(msg)
             return
+        loss, task, kd = (_num(record.get(k)) for k in ("loss", "loss_task", "loss_kd"))
+        skipped = record.get("n_skipped_steps") or 0
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}",
-                                 refresh=False)
+            self.bar.set_postfix(loss=loss, img_s=f"{record['img_per_s']:.0f}", refresh=False)
             self.bar.update(record["step"] - self.bar.n)
         else:
             self._print(f"step {record['step']}/{self.total} | epoch {record['epoch']} | "
-                        f"loss {record['loss']:.4f} (task {record['loss_task']:.4f}, "
-                        f"kd {record['loss_kd']:.4f}) | lr {record['lr']:.2e} | "
-                        f"{record['img_per_s']:.1f} img/s | eta {_eta(record.get('eta_s'))}")
+                        f"loss {loss} (task {task}, kd {kd}) | lr {record['lr']:.2e} | "
+                        f"{record['img_per_s']:.1f} img/s | eta {_eta(record.get('eta_s'))}"
+                        + (f" | skipped steps {skipped}" if skipped else ""))
         if self.log_phases:
             self._print(phase_line(record))
 
@@ -122,6 +123,11 @@ class ConsoleSink:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _num(value: float | None) -> str:
+    """A loss for the console: None (no step of the interval updated the weights) as "nan"."""
+    return "nan" if value is None else f"{value:.4f}"
 
 
 # The per-iteration timing line: (label, metrics.jsonl key), in step order.

@@ -8,6 +8,9 @@ normalised the way it was trained.
 from __future__ import annotations
 
 import difflib
+import math
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,26 @@ def create_timm_model(name: str, section: str, **kwargs: Any) -> nn.Module:
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def check_patch_grid(model: nn.Module, image_size: int, section: str, setting: str) -> None:
+    """Refuse an image side that a ViT's patches do not tile.
+
+    timm's patch embedding is a strided convolution: on a 20-pixel image with 8-pixel patches it
+    silently ignores the last 4 rows and columns (it pads only with ``dynamic_img_pad``).
+    """
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    step = math.lcm(*((patch,) if isinstance(patch, int) else tuple(patch)))
+    if image_size % step:
+        lower = image_size // step * step
+        sizes = f"{lower} or {lower + step}" if lower else str(step)
+        raise ConfigError(f"{setting}={image_size} is not a multiple of the {section}'s patch "
+                          f"size {step} ({section}.kwargs.patch_size): the last "
+                          f"{image_size % step} pixel rows and columns would be ignored; use "
+                          f"{setting}={sizes}")
+
+
 def num_outputs(model: nn.Module) -> int | None:
     """Classes predicted by a timm classifier (None when unknown)."""
     n = getattr(model, "num_classes", None)
@@ -102,8 +125,14 @@ def load_state_dict(path: str, setting: str = "checkpoint") -> dict[str, torch.T
     ``module.`` prefix from DistributedDataParallel is stripped.
     """
     p = resolve_path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{setting}: {path} is a folder; point it at a .safetensors or "
+                              f".pt/.pth file")
     if not p.is_file():
         raise CheckpointError(f"{setting}: checkpoint not found: {path}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{setting}: cannot read checkpoint {path}: the file is empty (an "
+                              f"interrupted copy?)")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -111,6 +140,15 @@ def load_state_dict(path: str, setting: str = "checkpoint") -> dict[str, torch.T
             state: Any = load_file(str(p))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused it before running anything
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found is None:  # torch's message would say "re-run with weights_only=False"
+            raise CheckpointError(f"{setting}: cannot read checkpoint {path}: not a PyTorch "
+                                  f"file, or a damaged one") from None
+        raise CheckpointError(
+            f"{setting}: cannot read checkpoint {path}: it holds Python objects besides tensors "
+            f"({found.group(1)}), which kd does not unpickle (they could run code); save the "
+            f"weights alone (torch.save(model.state_dict(), ...)) or as .safetensors") from None
     except Exception as e:  # corrupt or truncated files raise many different types
         raise CheckpointError(f"{setting}: cannot read checkpoint {path}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
@@ -120,7 +158,8 @@ def load_state_dict(path: str, setting: str = "checkpoint") -> dict[str, torch.T
             break
     if not isinstance(state, Mapping) or not all(
             isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors")
+        raise CheckpointError(f"{setting}: {path} is not a state dict of tensors (a mapping "
+                              f"of parameter names to tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

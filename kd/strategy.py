@@ -50,14 +50,40 @@ class DDPStrategy:
     def backward(self, loss: torch.Tensor, accum_steps: int, last_micro_batch: bool) -> None:
         self.scaler.scale(loss / accum_steps).backward()
 
-    def step(self) -> None:
-        """Unscale, clip, step, zero gradients."""
+    def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale, clip, step and zero gradients; skip the update if anything is not finite.
+
+        Returns ``(skipped, grad_norm)`` as device tensors. The skip costs no host
+        synchronisation with an optimizer that takes a ``found_inf`` tensor (PyTorch's fused
+        ones, kd's default where available) or in fp16 (the gradient scaler skips by itself);
+        any other optimizer needs one ``.item()`` per step to decide. ``loss`` joins the
+        decision in one process only: under DDP the gradients are all-reduced, hence the same
+        on every rank, and deciding on them alone keeps the ranks' weights identical.
+        """
+        self.scaler.unscale_(self.optimizer)  # no-op unless fp16
+        params = [p for p in self.core.parameters() if p.grad is not None]
         if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = _total_norm([p.grad for p in params])
+        skipped = ~torch.isfinite(norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips on non-finite gradients, lowers the scale
+            self.scaler.update()
+        else:
+            if loss is not None and not isinstance(self.model, DistributedDataParallel):
+                skipped = skipped | ~torch.isfinite(loss)
+            local = getattr(self.optimizer, "optim", self.optimizer)  # ZeRO's local optimizer
+            if getattr(local, "_step_supports_amp_scaling", False):
+                local.grad_scale, local.found_inf = None, skipped.float()
+                try:
+                    self.optimizer.step()
+                finally:
+                    del local.grad_scale, local.found_inf
+            elif not skipped.item():  # the one host synchronisation, for other optimizers
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return skipped, norm.detach()
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer (consolidated on rank 0 when sharded) and scaler; every rank calls this."""
@@ -70,6 +96,15 @@ class DDPStrategy:
 
     def save_sharded(self, directory: Path) -> None:
         """Nothing beyond ``state_dict`` for DDP."""
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads`` (NaN or inf if any element is), on their device."""
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def deepspeed_config(batch_size: int, accum_steps: int, world_size: int,
@@ -131,8 +166,17 @@ class DeepSpeedStrategy:
         if not last_micro_batch:
             self.engine.step()  # counts the micro-step; updates only at the boundary
 
-    def step(self) -> None:
-        self.engine.step()  # the boundary: reduce, clip, update, zero gradients
+    def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The boundary: the engine reduces, clips, updates and zeroes gradients.
+
+        DeepSpeed applies the update itself: a step with a non-finite loss is counted (and
+        stops the run after ``train.max_skipped_steps``) but not skipped. The gradient norm
+        is DeepSpeed's business; it is reported as NaN.
+        """
+        self.engine.step()
+        device = loss.device if loss is not None else torch.device("cpu")
+        bad = ~torch.isfinite(loss) if loss is not None else torch.zeros((), dtype=torch.bool)
+        return bad, torch.full((), float("nan"), device=device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": None, "scaler": None}  # held in DeepSpeed's sharded files

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -30,13 +31,21 @@ from kd.data.mix import apply_mixup, build_mixup, mix_seed
 from kd.data.stream import StreamBatchSampler
 from kd.data.tuning import resolve_num_workers
 from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from kd.errors import ConfigError, DataError, UserError
+from kd.errors import ConfigError, DataError, Preempted, UserError, output_error
+from kd.guard import SkipTracker, StopRequest
 from kd.metrics import build_metrics
-from kd.models import build_input_norm, build_student, build_teacher, describe_mismatch
+from kd.models import (
+    build_input_norm,
+    build_student,
+    build_teacher,
+    check_patch_grid,
+    describe_mismatch,
+)
 from kd.optim import build_optimizer, build_scheduler
 from kd.profiler import annotate
 from kd.strategy import build_strategy
 from kd.task import DistillationTask, resize
+from kd.watchdog import report_step
 
 log = logging.getLogger("kd")
 
@@ -162,7 +171,9 @@ class Trainer:
         self._bad_logged: set[str] = set()
         self._saved_step = -1  # step of the newest checkpoint this process wrote
         self._last_eval: dict[str, Any] = {}
+        self.skips = SkipTracker(self.device, cfg.train.max_skipped_steps)
         self._maybe_resume(cfg.checkpoint.resume)
+        self._best_top1 = self._best_so_far()
         if self.scheduler is not None:
             self.scheduler.step_update(self.step)
         self.timer = PhaseTimer(self.device)
@@ -203,6 +214,9 @@ class Trainer:
                                       teacher.norm if teacher else None)):
             if model is None:
                 continue
+            own_size = section == "teacher" and bool(teacher_size)
+            check_patch_grid(model, teacher_size if own_size else self.cfg.data.image_size,
+                             section, "teacher.image_size" if own_size else "data.image_size")
             was_training = model.training
             try:
                 with torch.no_grad():
@@ -211,7 +225,7 @@ class Trainer:
                         x = resize(x, teacher_size)
                     model.eval()(x)
             except Exception as e:  # shape errors surface as many exception types
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
                 hint = ("; set teacher.image_size to the size it was trained at"
                         if section == "teacher" else "")
                 raise ConfigError(
@@ -244,7 +258,7 @@ class Trainer:
                     f"another output_dir, delete {self.checkpoints.directory}, or resume with "
                     f"checkpoint.resume=auto")
             return
-        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        path = self.checkpoints.resumable() if resume == "auto" else Path(resume)
         if self.dist.is_distributed:  # rank 0 decides, so every rank resumes from the same one
             choice = [str(path) if path is not None else None]
             dist.broadcast_object_list(choice, src=0)
@@ -278,6 +292,9 @@ class Trainer:
         if len(rng) == self.dist.world_size:
             _set_rng_state(rng[self.dist.rank])
         self.step = self._saved_step = int(state["step"])
+        self.skips = SkipTracker(self.device, self.cfg.train.max_skipped_steps,
+                                 int(state.get("n_skipped_steps", 0)),
+                                 int(state.get("skip_streak", 0)))
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------------------- training
@@ -299,16 +316,19 @@ class Trainer:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 ckpt.atomic_write_text(self.output_dir / "config.yaml", to_yaml(cfg))
             except OSError as e:
-                raise UserError(f"output_dir {cfg.output_dir} is not writable: "
-                                f"{e.strerror}") from None
+                raise output_error(f"output_dir {cfg.output_dir}: cannot create it or write "
+                                   f"config.yaml into it", e) from None
         metrics = build_metrics(self.output_dir, self.dist.is_main, self.total_steps, self.step,
                                 log_phases=cfg.train.log_phases)
         t_start = time.perf_counter()
         train_time, train_images = 0.0, 0
         images_per_step = self.global_batch
-        sums = torch.zeros(3, device=self.device)  # loss, loss_task, loss_kd since the last log
+        # Since the last log: loss, loss_task, loss_kd, grad_norm summed over the steps that
+        # updated the weights, and their number.
+        sums = torch.zeros(5, device=self.device)
         interval_start, interval_steps = time.perf_counter(), 0
         sampler = self.train_loader.batch_sampler
+        stop = StopRequest(self.dist.is_distributed, cfg.dist.timeout_s)
         try:
             while self.step < self.total_steps:
                 epoch, done = divmod(self.step, self.steps_per_epoch)
@@ -317,8 +337,12 @@ class Trainer:
                 n = min(self.steps_per_epoch - done, self.total_steps - self.step)
                 for _ in range(n):
                     terms = self.train_step(batches, epoch_float=self.step / self.steps_per_epoch)
-                    sums += torch.stack([terms["loss"], terms["loss_task"], terms["loss_kd"]])
+                    values = torch.stack([terms[k] for k in SkipTracker.TERMS])
+                    sums += torch.where(terms["skipped"], 0.0,
+                                        torch.cat([values, values.new_ones(1)]))
                     self.step += 1
+                    report_step(self.step)  # for the heartbeats (kd.watchdog)
+                    self.skips.update(self.step, terms["skipped"], values)
                     interval_steps += 1
                     if on_step is not None:
                         on_step(self)
@@ -334,18 +358,27 @@ class Trainer:
                     if save and every and self.step % every == 0:
                         self.save_checkpoint()
                         interval_start = time.perf_counter()  # saving is not training time
+                    if stop.should_stop():
+                        path = self.save_checkpoint() if save else None
+                        raise Preempted(stop.signal_name or "a stop signal", self.step,
+                                        str(path) if path else None)
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if evaluate and epoch_done and (epoch + 1) % cfg.train.eval_every_epochs == 0:
                     metrics.log(self.evaluate(epoch + 1))
+                    if save:
+                        self._keep_if_best()
                     interval_start = time.perf_counter()
             if interval_steps:  # steps since the last log line (max_steps not on a log step)
                 train_time += time.perf_counter() - interval_start
                 train_images += interval_steps * images_per_step
             if evaluate and self._last_eval.get("step") != self.step:
                 metrics.log(self.evaluate(-(-self.step // self.steps_per_epoch)))
+                if save:
+                    self._keep_if_best()
             if save and self._saved_step != self.step:
                 self.save_checkpoint()
         finally:
+            stop.close()
             metrics.close()
         final = self._last_eval
         summary = {
@@ -357,6 +390,7 @@ class Trainer:
             "world_size": self.dist.world_size, "backend": self.dist.backend,
             "precision": self.precision,
             "n_bad_samples": self.total_bad_samples(),
+            "n_skipped_steps": self.skips.check(),
             "output_dir": str(self.output_dir),
         }
         if save and self.dist.is_main:
@@ -398,7 +432,7 @@ class Trainer:
             for k, v in terms.items():
                 totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
         with timer.phase("optimizer"):
-            self.optimizer_step()
+            totals["skipped"], totals["grad_norm"] = self.optimizer_step(totals["loss"])
         return totals
 
     def total_bad_samples(self) -> int:
@@ -414,11 +448,13 @@ class Trainer:
                 log.warning("rank %d: skipped unreadable sample %s", self.dist.rank, description)
         self.n_bad_samples += len(bad)
 
-    def optimizer_step(self) -> None:
-        """Step the optimizer through the strategy (clipping, scaling), advance the schedule."""
-        self.strategy.step()
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step the optimizer through the strategy (clipping, scaling, skipping a non-finite
+        step), advance the schedule; returns ``(skipped, grad_norm)`` as device tensors."""
+        skipped, norm = self.strategy.step(loss)
         if self.scheduler is not None:
             self.scheduler.step_update(self.step + 1)
+        return skipped, norm
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -429,19 +465,23 @@ class Trainer:
                       images_per_step: int) -> dict[str, Any]:
         """A metrics record for a log step; the only place training synchronises with the host."""
         times = self.timer.flush()
-        values = torch.cat([sums / steps, torch.tensor([times[p] / steps for p in PHASES],
-                                                       device=sums.device)])
+        # Means over the steps that updated the weights (NaN, logged as null, if none did).
+        means = torch.where(sums[4] > 0, sums[:4] / sums[4].clamp(min=1), float("nan"))
+        values = torch.cat([means, torch.tensor([times[p] / steps for p in PHASES],
+                                                device=sums.device)])
         values = all_reduce_sum(values) / self.dist.world_size  # mean over ranks
-        v = values.tolist()
+        v = [x if math.isfinite(x) else None for x in values.tolist()]
         img_per_s = steps * images_per_step / elapsed if elapsed > 0 else 0.0
         record: dict[str, Any] = {
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
             "loss": v[0], "loss_task": v[1], "loss_kd": v[2],
             "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
         }
-        record.update({PHASE_KEYS[p]: v[3 + i] for i, p in enumerate(PHASES)})
+        record["grad_norm"] = v[3]
+        record.update({PHASE_KEYS[p]: v[4 + i] for i, p in enumerate(PHASES)})
         record["eta_s"] = (self.total_steps - self.step) * elapsed / steps
         record["n_bad_samples"] = self.total_bad_samples()
+        record["n_skipped_steps"] = self.skips.check()  # raises after too many in a row
         return record
 
     # --------------------------------------------------------------------------- evaluation
@@ -479,11 +519,33 @@ class Trainer:
         return record
 
     # --------------------------------------------------------------------------- checkpoints
+    def _best_so_far(self) -> float:
+        """The best student top-1 among this run's checkpoints (rank 0's view, on every rank)."""
+        best = self.checkpoints.best() if self.dist.is_main else None
+        value = [float(best["student_top1"]) if best else float("-inf")]
+        if self.dist.is_distributed:
+            dist.broadcast_object_list(value, src=0)
+        return value[0]
+
+    def _keep_if_best(self) -> None:
+        """After an evaluation: a new best student top-1 gets a checkpoint that pruning keeps
+        (``checkpoint.keep`` newest plus the best). Every rank calls it; they agree, since the
+        evaluation's numbers are all-reduced."""
+        top1 = self._last_eval.get("student_top1")
+        if top1 is None or top1 <= self._best_top1:
+            return
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        self._best_top1 = top1
+        if self.dist.is_main:
+            self.checkpoints.mark_best(self.step, "student_top1", top1)
+
     def save_checkpoint(self) -> Path | None:
         """Every rank takes part (RNG states are gathered); rank 0 writes."""
         state = {"step": self.step, "global_batch": self.global_batch,
                  "sharded": self.strategy.sharded_checkpoint, "rng": [_rng_state()],
                  "stream_slots": getattr(self.train_loader.batch_sampler, "slots", None),
+                 **self.skips.state(),
                  **self.strategy.state_dict()}
         if self.dist.is_distributed:
             gathered: list[Any] = [None] * self.dist.world_size

@@ -96,6 +96,10 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-kd}}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python}
+# On SIGTERM (spot reclaim, Slurm preemption) torchrun passes the signal to its workers, which
+# save a checkpoint at the next step boundary and exit with code 75; torchrun kills workers that
+# are still running after this many seconds (its own default: 30). SageMaker allows 120 s.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 # kd from this checkout even where it is not pip-installed.
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"

@@ -12,7 +12,10 @@ from tests.multiproc.helpers import ok, single
 
 @pytest.fixture
 def base(tiny_teacher: str) -> list[str]:
-    return ["-c", TINY, f"teacher.checkpoint={tiny_teacher}", "checkpoint.resume=auto"]
+    # keep: the resume tests cut runs back to an early checkpoint, which the default
+    # (3 newest plus the best) would have pruned.
+    return ["-c", TINY, f"teacher.checkpoint={tiny_teacher}", "checkpoint.resume=auto",
+            "checkpoint.keep=10"]
 
 
 @pytest.fixture(scope="module")
