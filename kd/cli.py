@@ -6,6 +6,7 @@
     kd export --checkpoint DIR --out DIR           student as timm-loadable safetensors
     kd tune-loader [-c preset.yaml] [key=value ...] data-loader workers sweep and advice
     kd profile [-c preset.yaml] [key=value ...]    profile a short run; report what to fix
+    kd compare [-c preset.yaml] [k=v ...] --seeds K labels only vs distillation, same budget
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-profiler", default="none", choices=("none", "nsys", "sagemaker"),
                    help="start/stop Nsight Systems (cudaProfilerApi) or SageMaker Profiler "
                    "around the active steps; torch.profiler then records CPU activity only")
+    p = sub.add_parser("compare", help="labels only vs distillation (vs a transfer set), "
+                       "same budget, several seeds: table, compare.json, compare.png")
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/compare)")
     p = sub.add_parser("tune-loader", help="sweep data-loader workers × prefetch factor; plot "
                        "and recommend settings")
     _add_config_args(p)
@@ -256,8 +262,24 @@ def cmd_tune_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kd.compare import print_table, run_compare
+    from kd.config import DEMO_PRESET, load_config
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: give at least 1")
+    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    out = Path(args.out or Path(cfg.output_dir) / "compare")
+    with _process_group():
+        report = run_compare(cfg, args.seeds, out)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print_table(report)
+        print(f"output: {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export,
-            "tune-loader": cmd_tune_loader, "profile": cmd_profile}
+            "tune-loader": cmd_tune_loader, "profile": cmd_profile, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,6 +109,17 @@ class DataConfig:
     hf_image_key: str = _field("image", "hf: the column holding the images (an Image feature).")
     hf_label_key: str = _field("label", "hf: the column holding the class indices.")
     num_classes: int = _field(1000, "Number of classes; teacher and student heads must match it.")
+    labels_per_class: int | None = _field(
+        None, "Few labels: train on a fixed, stratified subset of this many labelled images per "
+        "class (chosen by `data.subset_seed`, the same in every run and on every rank); the "
+        "other training images are dropped. null: all.")
+    subset_seed: int = _field(0, "Seed of the `data.labels_per_class` subset (independent of "
+                              "`seed`, so training seeds compare the same labelled images).")
+    transfer_set: str = _field(
+        "none", "Unlabelled images learnt from through the teacher alone: `none`; `rest` (the "
+        "training images `data.labels_per_class` left without labels); or a folder of images "
+        "(no class structure) or WebDataset shards without labels. An epoch is one pass over "
+        "labelled and unlabelled images; batches mix them in proportion.")
     image_size: int = _field(224, "Side of the (square) image the student sees, in pixels.")
     batch_size: int = _field(128, "Images per process per micro-batch.")
     eval_batch_size: int | None = _field(None, "Evaluation batch size; null: `batch_size`.")
@@ -154,6 +165,14 @@ class DistillConfig:
     dkd_beta: float = _field(8.0, "DKD weight of the non-target-class term (NCKD).")
     dkd_warmup_epochs: float = _field(
         5.0, "DKD term ramps linearly from 0 to full weight over these epochs.")
+    check_teacher: bool = _field(
+        True, "Before training (not on resume), evaluate the teacher on the validation split "
+        "(one pass, teacher only): its top-1 is logged and saved as `teacher_top1_before`, and "
+        "near chance (below 2/`data.num_classes`, at most 0.75) is a warning naming the likely "
+        "causes. false: skip it (a very large validation split).")
+    require_teacher_top1: float | None = _field(
+        None, "Stop before training (exit code 2, nothing written) when the teacher's top-1 "
+        "measured by `distill.check_teacher` is below this fraction in [0, 1]; null: no minimum.")
 
 
 @dataclass
@@ -432,6 +451,10 @@ def validate(cfg: Any) -> None:
            "must be > 0")
     _check(0.0 <= cfg.distill.alpha <= 1.0, "distill.alpha", cfg.distill.alpha,
            "must be in [0, 1]")
+    _check(cfg.distill.require_teacher_top1 is None or (
+        0.0 <= cfg.distill.require_teacher_top1 <= 1.0 and cfg.distill.check_teacher),
+        "distill.require_teacher_top1", cfg.distill.require_teacher_top1,
+        "a fraction in [0, 1] measured with distill.check_teacher=true, or null")
     _check(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing",
            cfg.train.label_smoothing, "must be in [0, 1)")
     if cfg.dist.strategy == "deepspeed":
@@ -452,6 +475,19 @@ def validate(cfg: Any) -> None:
            "only wds shards can be streamed; set data.stream=false")
     _check(cfg.train.max_skipped_steps >= 0, "train.max_skipped_steps",
            cfg.train.max_skipped_steps, "must be >= 0 (0: never stop)")
+    _check(cfg.data.labels_per_class is None or cfg.data.labels_per_class > 0,
+           "data.labels_per_class", cfg.data.labels_per_class, "must be > 0 or null (all)")
+    _check(not (cfg.data.labels_per_class and cfg.data.stream), "data.labels_per_class",
+           cfg.data.labels_per_class, "needs an indexed split; set data.stream=false")
+    if cfg.data.transfer_set != "none":
+        _check(cfg.distill.loss in ("soft", "hard", "token"), "distill.loss", cfg.distill.loss,
+               "data.transfer_set needs soft, hard or token: unlabelled images have no label "
+               "for the task term (none) or for DKD's target class (dkd)")
+        _check(not cfg.data.stream, "data.stream", cfg.data.stream,
+               "a transfer set needs an indexed training split; set data.stream=false")
+        _check(cfg.data.transfer_set != "rest" or bool(cfg.data.labels_per_class),
+               "data.transfer_set", "rest", "rest is the images data.labels_per_class drops: "
+               "set data.labels_per_class too")
     _check(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", cfg.data.shuffle_buffer,
            "must be > 0 (1: no shuffling within a reader)")
     _check(cfg.data.train_samples is None or cfg.data.train_samples > 0, "data.train_samples",

@@ -26,6 +26,10 @@ class CheckpointError(UserError):
     """A missing, truncated, corrupt or incompatible checkpoint."""
 
 
+class TeacherError(UserError):
+    """A teacher that fails the check before training (``distill.require_teacher_top1``)."""
+
+
 class DistributedError(UserError):
     """Another rank died or hung, so a collective failed or timed out (``dist.timeout_s``).
 

@@ -108,13 +108,22 @@ class DistillationTask:
         return self.student(x_student)
 
     def loss(self, student_out: Any, teacher_logits: torch.Tensor | None,
-             targets: torch.Tensor, epoch: float) -> dict[str, torch.Tensor]:
-        """Named loss terms: ``loss`` (to minimise), ``loss_task``, ``loss_kd``; all fp32."""
+             targets: torch.Tensor, epoch: float,
+             share: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms: ``loss`` (to minimise), ``loss_task``, ``loss_kd``; all fp32.
+
+        ``share`` (with a transfer set): each sample's labelled share in ``[0, 1]`` (0 for an
+        unlabelled image). Per sample the loss is then ``share * ((1 - alpha) * task +
+        alpha * kd) + (1 - share) * kd``, averaged over the batch; ``loss_task`` is the task
+        term's mean over the labelled shares and ``loss_kd`` the kd term's weighted mean.
+        """
         cfg = self.cfg
         if isinstance(student_out, tuple):
             logits, kd_logits = student_out
         else:
             logits = kd_logits = student_out
+        if share is not None:
+            return self._transfer_loss(logits, kd_logits, teacher_logits, targets, share)
         loss_task = soft_target_cross_entropy(logits, targets, self.label_smoothing)
         if cfg.loss == "none" or teacher_logits is None:
             return {"loss": loss_task, "loss_task": loss_task,
@@ -132,6 +141,24 @@ class DistillationTask:
         loss = (1.0 - cfg.alpha) * loss_task + cfg.alpha * weight * loss_kd
         return {"loss": loss, "loss_task": loss_task, "loss_kd": loss_kd}
 
+    def _transfer_loss(self, logits: torch.Tensor, kd_logits: torch.Tensor,
+                       teacher_logits: torch.Tensor | None, targets: torch.Tensor,
+                       share: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if teacher_logits is None or cfg.loss not in ("soft", "hard", "token"):
+            raise ConfigError(f"data.transfer_set needs distill.loss soft, hard or token "
+                              f"(got {cfg.loss})")
+        share = share.float()
+        kd_weight = cfg.alpha * share + (1.0 - share)
+        loss_task = soft_target_cross_entropy(logits, targets, self.label_smoothing, share)
+        if cfg.loss == "soft" or (cfg.loss == "token" and cfg.token_loss == "soft"):
+            loss_kd = soft_kd(kd_logits, teacher_logits, cfg.temperature, kd_weight)
+        else:
+            loss_kd = hard_kd(kd_logits, teacher_logits, kd_weight)
+        # mean_i(share_i (1 - a) task_i) + mean_i(w_i kd_i), written with the weighted means.
+        loss = (1.0 - cfg.alpha) * share.mean() * loss_task + kd_weight.mean() * loss_kd
+        return {"loss": loss, "loss_task": loss_task, "loss_kd": loss_kd}
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Evaluation logits of the student (DeiT heads averaged) and the teacher, if any."""
@@ -139,7 +166,15 @@ class DistillationTask:
         s = self.student_core(x_student)
         if isinstance(s, tuple):  # a distilled model in train mode; eval mode already averages
             s = (s[0] + s[1]) / 2
-        t = None
-        if self.teacher is not None:
-            t = self.teacher(self._teacher_input(images, x_student))
-        return s, t
+        return s, self.predict_teacher(images, x_student)
+
+    @torch.no_grad()
+    def predict_teacher(self, images: torch.Tensor,
+                        x_student: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Evaluation logits of the teacher alone (None without one); ``x_student``, when the
+        caller has it, saves normalising the batch twice."""
+        if self.teacher is None:
+            return None
+        if x_student is None:
+            x_student = self.student_norm(images)
+        return self.teacher(self._teacher_input(images, x_student))

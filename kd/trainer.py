@@ -29,9 +29,11 @@ from kd.data import build_eval_loader, build_train_loader
 from kd.data.datasets import build_split
 from kd.data.mix import apply_mixup, build_mixup, mix_seed
 from kd.data.stream import StreamBatchSampler
+from kd.data.subset import SubsetDataset, subset_record
+from kd.data.transfer import labelled_share
 from kd.data.tuning import resolve_num_workers
 from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from kd.errors import ConfigError, DataError, Preempted, UserError, output_error
+from kd.errors import ConfigError, DataError, Preempted, TeacherError, UserError, output_error
 from kd.guard import SkipTracker, StopRequest
 from kd.metrics import build_metrics
 from kd.models import (
@@ -54,6 +56,21 @@ PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "opt
 PHASE_KEYS = {"data": "t_data", "teacher_forward": "t_teacher", "student_forward": "t_student_fwd",
               "loss": "t_loss", "backward": "t_backward", "optimizer": "t_optim"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# What a wrong teacher usually is; named by the teacher check's warning and error.
+TEACHER_CAUSES = ("a wrong teacher.checkpoint, inputs normalised unlike the teacher's training "
+                  "(teacher.mean/std), a class order or data.num_classes other than the "
+                  "teacher's, or a teacher.image_size it was not trained at")
+
+
+def near_chance(num_classes: int) -> float:
+    """The top-1 below which a classifier is "near chance": twice chance (1/num_classes), capped
+    at 0.75 so that two classes do not ask for perfection.
+
+    Example:
+        >>> near_chance(10), near_chance(2)
+        (0.2, 0.75)
+    """
+    return min(2.0 / num_classes, 0.75)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -157,8 +174,9 @@ class Trainer:
         self.optimizer = self.strategy.optimizer
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
         # 5. Task: forward passes and loss terms.
-        # With Mixup/CutMix, label smoothing is applied to the mixed targets by Mixup itself.
-        smoothing = 0.0 if self.mixup is not None else tc.label_smoothing
+        # With Mixup/CutMix, label smoothing is applied to the mixed targets by Mixup itself
+        # (except with a transfer set: see _build_data).
+        smoothing = 0.0 if self.mixup is not None and not self.transfer else tc.label_smoothing
         self.task = DistillationTask(self.strategy.model, self.student_norm, self.teacher,
                                      cfg.distill, smoothing, student_core=self.student_core,
                                      teacher_image_size=cfg.teacher.image_size)
@@ -171,6 +189,7 @@ class Trainer:
         self._bad_logged: set[str] = set()
         self._saved_step = -1  # step of the newest checkpoint this process wrote
         self._last_eval: dict[str, Any] = {}
+        self.teacher_top1_before: float | None = None  # see check_teacher; kept on resume
         self.skips = SkipTracker(self.device, cfg.train.max_skipped_steps)
         self._maybe_resume(cfg.checkpoint.resume)
         self._best_top1 = self._best_so_far()
@@ -192,7 +211,12 @@ class Trainer:
                                                self.num_workers, pin, dc.prefetch_factor)
         self.val_loader = build_eval_loader(self.val_set, dc.eval_batch_size or dc.batch_size,
                                             r, w, self.num_workers, pin, dc.prefetch_factor)
-        self.mixup = build_mixup(dc, dc.num_classes, self.cfg.train.label_smoothing)
+        # With a transfer set, unlabelled images are mixed as an extra class (num_classes):
+        # after mixing, each image's labelled share is what is not in that class
+        # (kd.data.transfer.labelled_share), and the task applies label smoothing itself.
+        self.transfer = dc.transfer_set != "none"
+        self.mixup = build_mixup(dc, dc.num_classes + 1, 0.0) if self.transfer else \
+            build_mixup(dc, dc.num_classes, self.cfg.train.label_smoothing)
         accum = self.cfg.train.grad_accum_steps
         self.steps_per_epoch = len(self.train_loader.batch_sampler) // accum
         if self.steps_per_epoch == 0:
@@ -292,6 +316,7 @@ class Trainer:
         if len(rng) == self.dist.world_size:
             _set_rng_state(rng[self.dist.rank])
         self.step = self._saved_step = int(state["step"])
+        self.teacher_top1_before = state.get("teacher_top1_before")
         self.skips = SkipTracker(self.device, self.cfg.train.max_skipped_steps,
                                  int(state.get("n_skipped_steps", 0)),
                                  int(state.get("skip_streak", 0)))
@@ -303,7 +328,8 @@ class Trainer:
         """Train to ``total_steps``, evaluating and checkpointing on the way.
 
         Args:
-            evaluate: evaluate every ``train.eval_every_epochs`` and at the end.
+            evaluate: check the teacher before training (:meth:`check_teacher`), evaluate
+                every ``train.eval_every_epochs`` and at the end.
             save: write checkpoints, the final student and ``summary.json``.
             on_step: called after every optimizer step (e.g. to advance a profiler).
 
@@ -311,16 +337,22 @@ class Trainer:
             The summary (also written to ``summary.json`` when ``save``).
         """
         cfg = self.cfg
+        t_start = time.perf_counter()
+        if evaluate:  # before output_dir exists: a teacher that fails leaves nothing written
+            self.check_teacher()
         if self.dist.is_main:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 ckpt.atomic_write_text(self.output_dir / "config.yaml", to_yaml(cfg))
+                labelled = getattr(self.train_set, "labelled", self.train_set)  # transfer set
+                if isinstance(labelled, SubsetDataset):
+                    ckpt.atomic_write_text(self.output_dir / "labelled_subset.json",
+                                           subset_record(labelled, cfg.data))
             except OSError as e:
                 raise output_error(f"output_dir {cfg.output_dir}: cannot create it or write "
                                    f"config.yaml into it", e) from None
         metrics = build_metrics(self.output_dir, self.dist.is_main, self.total_steps, self.step,
                                 log_phases=cfg.train.log_phases)
-        t_start = time.perf_counter()
         train_time, train_images = 0.0, 0
         images_per_step = self.global_batch
         # Since the last log: loss, loss_task, loss_kd, grad_norm summed over the steps that
@@ -384,6 +416,7 @@ class Trainer:
         summary = {
             **{k: final.get(k) for k in ("student_top1", "student_top5", "teacher_top1",
                                          "agreement")},
+            "teacher_top1_before": self.teacher_top1_before,
             "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
             "wall_s": round(time.perf_counter() - t_start, 3),
             "img_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
@@ -414,9 +447,14 @@ class Trainer:
                     self._count_bad(bad)
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
+                share = None
+                if self.transfer and self.mixup is not None:
+                    targets = torch.where(targets < 0, self.cfg.data.num_classes, targets)
                 if self.mixup is not None:
                     seed = mix_seed(self.cfg.seed, self.dist.rank, self.step, micro)
                     images, targets = apply_mixup(self.mixup, images, targets, seed)
+                if self.transfer:
+                    targets, share = labelled_share(targets, self.cfg.data.num_classes)
                 x_student, x_teacher = task.prepare(images)
             last = micro == accum - 1
             with self.strategy.maybe_no_sync(last):
@@ -426,7 +464,8 @@ class Trainer:
                     with timer.phase("student_forward"):
                         student_out = task.student_forward(x_student)
                     with timer.phase("loss"):
-                        terms = task.loss(student_out, teacher_logits, targets, epoch_float)
+                        terms = task.loss(student_out, teacher_logits, targets, epoch_float,
+                                          share)
                 with timer.phase("backward"):
                     self.strategy.backward(terms["loss"], accum, last)
             for k, v in terms.items():
@@ -486,8 +525,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, epoch: int) -> dict[str, Any]:
-        """Student top-1/top-5, teacher top-1 and student–teacher top-1 agreement on val."""
+    def _val_counts(self, student: bool = True) -> list[float]:
+        """One pass over val, summed over ranks (so every rank gets the same numbers): images,
+        student top-1, student top-5, teacher top-1, agreement. ``student=False`` runs the
+        teacher alone (the student's counts stay 0)."""
         self.student_core.eval()
         k = min(5, self.cfg.data.num_classes)
         counts = torch.zeros(5, device=self.device)  # n, student top1, top5, teacher top1, agree
@@ -498,18 +539,27 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 with self._autocast():
-                    s, t = self.task.predict(images)
-                top = s.float().topk(k, dim=-1).indices
+                    if student:
+                        s, t = self.task.predict(images)
+                    else:
+                        s, t = None, self.task.predict_teacher(images)
                 counts[0] += targets.numel()
-                counts[1] += (top[:, 0] == targets).sum()
-                counts[2] += (top == targets[:, None]).any(dim=-1).sum()
+                if s is not None:
+                    top = s.float().topk(k, dim=-1).indices
+                    counts[1] += (top[:, 0] == targets).sum()
+                    counts[2] += (top == targets[:, None]).any(dim=-1).sum()
                 if t is not None:
                     t1 = t.float().argmax(-1)
                     counts[3] += (t1 == targets).sum()
-                    counts[4] += (t1 == top[:, 0]).sum()
+                    if s is not None:
+                        counts[4] += (t1 == top[:, 0]).sum()
         finally:
             self.student_core.train()
-        n, s1, s5, t1, agree = all_reduce_sum(counts).tolist()
+        return all_reduce_sum(counts).tolist()
+
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """Student top-1/top-5, teacher top-1 and student–teacher top-1 agreement on val."""
+        n, s1, s5, t1, agree = self._val_counts()
         has_teacher = self.teacher is not None
         record = {"split": "val", "step": self.step, "epoch": epoch,
                   "student_top1": s1 / n, "student_top5": s5 / n,
@@ -517,6 +567,48 @@ class Trainer:
                   "agreement": agree / n if has_teacher else None}
         self._last_eval = record
         return record
+
+    def check_teacher(self) -> float | None:
+        """Before training: the teacher's top-1 on val (one pass, the teacher alone), logged and
+        kept as ``teacher_top1_before``; returns it.
+
+        Near chance (:func:`near_chance`) is a warning naming the likely causes; below
+        ``distill.require_teacher_top1`` it is a :class:`~kd.errors.TeacherError`. Every rank
+        gets the same all-reduced number, so all warn or stop together. Skipped silently without
+        a teacher; skipped, saying why, with ``distill.check_teacher=false``, when training does
+        not run the teacher (``distill.loss=none``) and on resume (the number from the run's
+        start is kept in its checkpoints).
+        """
+        dc, num_classes = self.cfg.distill, self.cfg.data.num_classes
+        if self.teacher is None:  # labels only: nothing to check, nothing to say
+            return None
+        skip = ("distill.check_teacher=false" if not dc.check_teacher else
+                "the teacher does not run in training (distill.loss=none)"
+                if not self.task.uses_teacher else
+                f"resuming at step {self.step}" if self.step > 0 else None)
+        if skip is not None:
+            before = self.teacher_top1_before
+            log.info("teacher check skipped: %s%s", skip, "" if before is None else
+                     f" (teacher top-1 before training was {before:.4f})")
+            return before
+        t0, rng = time.perf_counter(), _rng_state()
+        n, _, _, t1, _ = self._val_counts(student=False)
+        _set_rng_state(rng)  # iterating a loader draws a seed: training stays as without the check
+        top1 = self.teacher_top1_before = t1 / n
+        required = dc.require_teacher_top1
+        if required is not None and top1 < required:  # the error line alone says it all
+            raise TeacherError(f"distill.require_teacher_top1={required}: the teacher's top-1 on "
+                               f"the validation split is {top1:.4f} before training (chance "
+                               f"{1 / num_classes:.4f}); likely causes: {TEACHER_CAUSES} (or "
+                               f"lower distill.require_teacher_top1)")
+        log.info("teacher top-1 before training: %.4f on %d val images (chance %.4f; %.2f s)",
+                 top1, n, 1 / num_classes, time.perf_counter() - t0)
+        if top1 < near_chance(num_classes) and self.dist.is_main:
+            log.warning("WARNING: the teacher's top-1 before training is %.4f, near chance "
+                        "(%.4f with data.num_classes=%d): distilling it teaches the student "
+                        "noise. Likely causes: %s. Set distill.require_teacher_top1 to stop "
+                        "instead.", top1, 1 / num_classes, num_classes, TEACHER_CAUSES)
+        return top1
 
     # --------------------------------------------------------------------------- checkpoints
     def _best_so_far(self) -> float:
@@ -545,6 +637,7 @@ class Trainer:
         state = {"step": self.step, "global_batch": self.global_batch,
                  "sharded": self.strategy.sharded_checkpoint, "rng": [_rng_state()],
                  "stream_slots": getattr(self.train_loader.batch_sampler, "slots", None),
+                 "teacher_top1_before": self.teacher_top1_before,
                  **self.skips.state(),
                  **self.strategy.state_dict()}
         if self.dist.is_distributed:

@@ -122,6 +122,9 @@ class DigitsDataset(KeyedDataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def targets(self) -> Any:
+        return self.labels.numpy()
+
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         if self.augment and seed is not None:
@@ -146,6 +149,9 @@ class SyntheticDataset(KeyedDataset):
 
     def __len__(self) -> int:
         return self.size
+
+    def targets(self) -> Any:
+        return torch.arange(self.size).remainder(self.num_classes).numpy()
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         label = index % self.num_classes
@@ -193,6 +199,9 @@ class ImageFolderDataset(KeyedDataset):
 
     def describe(self, index: int) -> str:
         return str(self.reader.filename(index, absolute=True))
+
+    def targets(self) -> list[int]:
+        return [int(target) for _, target in self.reader.samples]
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         source, label = self.reader[index][:2]
@@ -330,7 +339,17 @@ def build_split(cfg: Any, split: str, channels: int, seed: int = 0) -> KeyedData
             transform_kwargs=train_transform_kwargs(cfg))
         dataset.on_error = cfg.on_error
         return dataset
-    return build_dataset(cfg.name, split, root=cfg.root, image_size=cfg.image_size,
-                         num_classes=cfg.num_classes, augment=cfg.augment, channels=channels,
-                         synthetic_size=cfg.synthetic_size, on_error=cfg.on_error,
-                         transform_kwargs=train_transform_kwargs(cfg), **source_kwargs(cfg))
+    dataset = build_dataset(cfg.name, split, root=cfg.root, image_size=cfg.image_size,
+                            num_classes=cfg.num_classes, augment=cfg.augment, channels=channels,
+                            synthetic_size=cfg.synthetic_size, on_error=cfg.on_error,
+                            transform_kwargs=train_transform_kwargs(cfg), **source_kwargs(cfg))
+    if split == "train" and cfg.labels_per_class:
+        from kd.data.subset import labelled_subset
+
+        dataset = labelled_subset(dataset, cfg.labels_per_class, cfg.subset_seed,
+                                  cfg.num_classes)
+    if split == "train" and cfg.transfer_set != "none":
+        from kd.data.transfer import build_transfer_set
+
+        dataset = build_transfer_set(cfg, dataset)
+    return dataset

@@ -129,6 +129,12 @@ class HFDiskDataset(KeyedDataset):
     def describe(self, index: int) -> str:
         return f"{self.folder}[{index}]"
 
+    def targets(self) -> list[int]:
+        if not self.labelled:
+            return [-1] * len(self)
+        return [-1 if t is None else int(t) for t in self.data.data.column(self.label_key)
+                .to_pylist()]
+
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         row = self.data[index]
         label = row[self.label_key] if self.labelled else -1

@@ -291,6 +291,9 @@ class WdsDataset(KeyedDataset):
     def describe(self, index: int) -> str:
         return f"{self.shards[self.shard_ids[index]]}:{self.names[index].decode()}"
 
+    def targets(self) -> np.ndarray:
+        return self.labels  # BAD_LABEL (-2) where the label member is unreadable
+
     def __getstate__(self) -> dict[str, Any]:
         # Open files do not pickle (spawned workers): each process opens its own.
         return {**self.__dict__, "_pid": None, "_handles": OrderedDict()}

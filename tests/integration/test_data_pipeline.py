@@ -98,9 +98,10 @@ def test_mixup_and_cutmix_work_with_every_loss(tiny_teacher, tmp_path, loss, ext
     seen_targets = []
     original = trainer.task.loss
 
-    def spy(student_out, teacher_logits, targets, epoch):
+    def spy(student_out, teacher_logits, targets, epoch, share=None):
+        assert share is None  # no transfer set: every sample is labelled
         seen_targets.append(targets)
-        return original(student_out, teacher_logits, targets, epoch)
+        return original(student_out, teacher_logits, targets, epoch, share)
 
     trainer.task.loss = spy
     summary = trainer.train()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import TINY
-from tests.multiproc.helpers import ok, single
+from tests.multiproc.helpers import kill_tree, ok, single
 
 
 @pytest.fixture
@@ -25,3 +27,12 @@ def reference(tiny_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Pa
     ok(single("-c", TINY, f"teacher.checkpoint={tiny_teacher}", f"output_dir={out}",
               "data.batch_size=16"))
     return out
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> Iterator[None]:
+    """After each test, kill whatever it launched and left running (a failed test's torchrun
+    and its workers): a stuck rank would otherwise live on and slow every later test."""
+    yield
+    for child in psutil.Process().children():
+        kill_tree(child.pid)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -74,3 +75,18 @@ def keep_only_checkpoint(run: Path, step: int) -> None:
     (ckpts / "latest").write_text(f"step_{step:08d}\n")
     (run / "student.safetensors").unlink()
     (run / "summary.json").unlink()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (a hung or stopped rank included)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)

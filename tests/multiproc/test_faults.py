@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from tests.multiproc.helpers import free_port, launch_env
+from tests.multiproc.helpers import free_port, kill_tree, launch_env
 
 pytestmark = pytest.mark.multiproc
 
@@ -62,7 +62,7 @@ class Launch:
         try:
             code = self.proc.wait(timeout=max(1.0, self.started + timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            kill_tree(self.proc.pid)
             raise AssertionError(f"torchrun still running after {timeout} s:\n"
                                  f"{self.log[-3000:]}") from None
         self.reader.join(10)
