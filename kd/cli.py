@@ -7,6 +7,8 @@
     kd tune-loader [-c preset.yaml] [key=value ...] data-loader workers sweep and advice
     kd profile [-c preset.yaml] [key=value ...]    profile a short run; report what to fix
     kd compare [-c preset.yaml] [k=v ...] --seeds K labels only vs distillation, same budget
+    kd cache-teacher [-c ...] [k=v ...] --epochs E --top-k K --out DIR
+                                                   store teacher outputs for cached training
 """
 
 from __future__ import annotations
@@ -66,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
     p.add_argument("--out", help="output folder (default: <output_dir>/compare)")
+    p = sub.add_parser("cache-teacher", help="run the teacher over E epochs of augmented "
+                       "training data and store its top-K logits (distill.teacher_cache)")
+    _add_config_args(p)
+    p.add_argument("--epochs", type=int, help="epochs to cache (default: train.epochs)")
+    p.add_argument("--top-k", type=int, help="logits kept per image (default: "
+                   "distill.cache_top_k, else 10, at most data.num_classes)")
+    p.add_argument("--out", required=True, help="cache folder (a resumed build keeps the "
+                   "shards it finished)")
     p = sub.add_parser("tune-loader", help="sweep data-loader workers × prefetch factor; plot "
                        "and recommend settings")
     _add_config_args(p)
@@ -278,8 +288,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from kd.cache import build_cache, human_size
+    from kd.config import DEMO_PRESET, load_config
+
+    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    top_k = args.top_k or cfg.distill.cache_top_k or min(10, cfg.data.num_classes)
+    with _process_group():
+        manifest = build_cache(cfg, args.epochs or cfg.train.epochs, top_k, args.out)
+    if manifest is not None:
+        print(f"kd cache-teacher: {manifest['epochs']} epochs, {manifest['rows']} image-epochs, "
+              f"top-{manifest['top_k']}: {human_size(manifest['bytes'])} "
+              f"({manifest['bytes_per_image_epoch']} bytes per image-epoch), built in "
+              f"{manifest['build_s']} s; train with distill.teacher_cache={args.out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export,
-            "tune-loader": cmd_tune_loader, "profile": cmd_profile, "compare": cmd_compare}
+            "tune-loader": cmd_tune_loader, "profile": cmd_profile, "compare": cmd_compare,
+            "cache-teacher": cmd_cache_teacher}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

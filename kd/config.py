@@ -173,6 +173,17 @@ class DistillConfig:
     require_teacher_top1: float | None = _field(
         None, "Stop before training (exit code 2, nothing written) when the teacher's top-1 "
         "measured by `distill.check_teacher` is below this fraction in [0, 1]; null: no minimum.")
+    teacher_cache: str | None = _field(
+        None, "A folder written by `kd cache-teacher`: train from the teacher's stored top-K "
+        "logits, replaying the augmentation (and Mixup/CutMix) recorded for each image and "
+        "epoch; the teacher is never built. Its data, augmentation and teacher settings must "
+        "equal this run's (a difference is an error naming the key).")
+    cache_top_k: int | None = _field(
+        None, "K of `distill.teacher_cache` (the default of `kd cache-teacher --top-k`, "
+        "otherwise 10); null: whatever the cache holds; set: the cache must hold this K.")
+    cache_cycle: bool = _field(
+        False, "With `distill.teacher_cache`: training longer than the cached epochs replays "
+        "them in turn (epoch e uses cached epoch e mod E); false: an error.")
 
 
 @dataclass
@@ -488,6 +499,14 @@ def validate(cfg: Any) -> None:
         _check(cfg.data.transfer_set != "rest" or bool(cfg.data.labels_per_class),
                "data.transfer_set", "rest", "rest is the images data.labels_per_class drops: "
                "set data.labels_per_class too")
+    if cfg.distill.teacher_cache:
+        _check(cfg.distill.loss != "none", "distill.loss", cfg.distill.loss,
+               "distill.teacher_cache holds teacher outputs: choose soft, hard, token or dkd, "
+               "or unset distill.teacher_cache")
+        _check(not cfg.data.stream, "data.stream", cfg.data.stream,
+               "distill.teacher_cache looks its rows up by sample index; set data.stream=false")
+    _check(cfg.distill.cache_top_k is None or cfg.distill.cache_top_k > 0,
+           "distill.cache_top_k", cfg.distill.cache_top_k, "must be > 0 or null")
     _check(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", cfg.data.shuffle_buffer,
            "must be > 0 (1: no shuffling within a reader)")
     _check(cfg.data.train_samples is None or cfg.data.train_samples > 0, "data.train_samples",

@@ -26,6 +26,10 @@ class CheckpointError(UserError):
     """A missing, truncated, corrupt or incompatible checkpoint."""
 
 
+class CacheError(UserError):
+    """A teacher-output cache that does not fit the run, or a missing or damaged shard."""
+
+
 class TeacherError(UserError):
     """A teacher that fails the check before training (``distill.require_teacher_top1``)."""
 

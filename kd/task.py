@@ -51,18 +51,21 @@ class DistillationTask:
         cfg: the ``distill`` section of the config.
         label_smoothing: smoothing of the task term.
         student_core: the unwrapped student (for DeiT checks); defaults to ``student``.
+        teacher_image_size: the side the teacher sees, when it is not the student's.
+        cached_teacher: the teacher's logits come from a cache (:mod:`kd.cache`): ``teacher``
+            is None and the caller passes the cached logits to :meth:`loss`.
     """
 
     def __init__(self, student: nn.Module, student_norm: InputNorm,
                  teacher: FrozenTeacher | None, cfg: Any, label_smoothing: float = 0.0,
                  student_core: nn.Module | None = None,
-                 teacher_image_size: int | None = None) -> None:
+                 teacher_image_size: int | None = None, cached_teacher: bool = False) -> None:
         self.student, self.student_norm, self.teacher = student, student_norm, teacher
         self.cfg, self.label_smoothing = cfg, label_smoothing
         self.teacher_image_size = teacher_image_size
         core = student_core if student_core is not None else student
         self.student_core = core
-        if cfg.loss != "none" and teacher is None:
+        if cfg.loss != "none" and teacher is None and not cached_teacher:
             raise ConfigError(f"distill.loss={cfg.loss} needs a teacher: set teacher.checkpoint "
                               f"or teacher.pretrained=true (or use distill.loss=none)")
         if cfg.loss == "token":
@@ -86,7 +89,7 @@ class DistillationTask:
         ``teacher.image_size`` gets that crop resized on the device.
         """
         x_student = self.student_norm(images)
-        if not self.uses_teacher:
+        if not self.uses_teacher or self.teacher is None:  # labels only, or a teacher cache
             return x_student, None
         return x_student, self._teacher_input(images, x_student)
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kd import checkpoint as ckpt
+from kd.cache import TeacherCache, densify
 from kd.config import to_container, to_yaml
 from kd.data import build_eval_loader, build_train_loader
 from kd.data.datasets import build_split
@@ -159,7 +160,8 @@ class Trainer:
         student = build_student(cfg.student, cfg.data.num_classes)
         self.student_norm = build_input_norm(student, cfg.student.mean, cfg.student.std,
                                              "student").to(self.device)
-        teacher = build_teacher(cfg.teacher, cfg.data.num_classes)
+        # Training from a teacher-output cache never builds the teacher.
+        teacher = None if self.cache else build_teacher(cfg.teacher, cfg.data.num_classes)
         self._check_models(student, teacher)
         self.student_core = student.to(self.device).train()
         self.teacher = teacher.to(self.device) if teacher is not None else None
@@ -179,7 +181,8 @@ class Trainer:
         smoothing = 0.0 if self.mixup is not None and not self.transfer else tc.label_smoothing
         self.task = DistillationTask(self.strategy.model, self.student_norm, self.teacher,
                                      cfg.distill, smoothing, student_core=self.student_core,
-                                     teacher_image_size=cfg.teacher.image_size)
+                                     teacher_image_size=cfg.teacher.image_size,
+                                     cached_teacher=self.cache is not None)
         # 6. Checkpoints and resume.
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints",
@@ -203,12 +206,16 @@ class Trainer:
         self.val_set = build_split(dc, "val", channels)
         pin = self.device.type == "cuda"
         r, w = self.dist.rank, self.dist.world_size
+        self.cache: TeacherCache | None = None
+        if self.cfg.distill.teacher_cache:  # its rows replay the recorded augmentation seeds
+            self.cache = TeacherCache.open(self.cfg, channels, len(self.train_set), w)
         self.num_workers = resolve_num_workers(
             dc.num_workers, self.train_set, dc.batch_size, self.dist.local_world_size,
             cache_key={"data": to_container(dc), "channels": channels}, seed=self.cfg.seed,
             prefetch_factor=dc.prefetch_factor, pin_memory=pin)
-        self.train_loader = build_train_loader(self.train_set, dc.batch_size, self.cfg.seed, r, w,
-                                               self.num_workers, pin, dc.prefetch_factor)
+        self.train_loader = build_train_loader(
+            self.train_set, dc.batch_size, self.cfg.seed, r, w, self.num_workers, pin,
+            dc.prefetch_factor, recorded_seeds=self.cache.seeds if self.cache else None)
         self.val_loader = build_eval_loader(self.val_set, dc.eval_batch_size or dc.batch_size,
                                             r, w, self.num_workers, pin, dc.prefetch_factor)
         # With a transfer set, unlabelled images are mixed as an extra class (num_classes):
@@ -228,6 +235,13 @@ class Trainer:
         epoch_steps = self.cfg.train.epochs * self.steps_per_epoch
         max_steps = self.cfg.train.max_steps
         self.total_steps = min(epoch_steps, max_steps) if max_steps else epoch_steps
+        if self.cache is not None:
+            self.cache.check_epochs(-(-self.total_steps // self.steps_per_epoch))
+
+    def data_epoch(self, epoch: int) -> int:
+        """The epoch of the data order (and augmentation) training epoch ``epoch`` reads: itself,
+        or the cached epoch it replays (``distill.cache_cycle``)."""
+        return self.cache.data_epoch(epoch) if self.cache is not None else epoch
 
     def _check_models(self, student: nn.Module, teacher: Any) -> None:
         """Fail before training, with the config key to fix, if a model cannot take the data."""
@@ -364,7 +378,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 epoch, done = divmod(self.step, self.steps_per_epoch)
-                sampler.set_epoch(epoch, start_batch=done * cfg.train.grad_accum_steps)
+                sampler.set_epoch(self.data_epoch(epoch),
+                                  start_batch=done * cfg.train.grad_accum_steps)
                 batches = iter(self.train_loader)
                 n = min(self.steps_per_epoch - done, self.total_steps - self.step)
                 for _ in range(n):
@@ -440,18 +455,21 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         timer, task = self.timer, self.task
         totals: dict[str, torch.Tensor] = {}
+        epoch, done = divmod(self.step, self.steps_per_epoch)
+        data_epoch = self.data_epoch(epoch)
         for micro in range(accum):
             with timer.phase("data", host=True):
-                images, targets, bad = next(batches)
+                images, targets, bad, *index = next(batches)
                 if bad:
                     self._count_bad(bad)
+                cached = self._cached_logits(data_epoch, index[0]) if self.cache else None
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 share = None
                 if self.transfer and self.mixup is not None:
                     targets = torch.where(targets < 0, self.cfg.data.num_classes, targets)
                 if self.mixup is not None:
-                    seed = mix_seed(self.cfg.seed, self.dist.rank, self.step, micro)
+                    seed = mix_seed(self.cfg.seed, self.dist.rank, data_epoch, done * accum + micro)
                     images, targets = apply_mixup(self.mixup, images, targets, seed)
                 if self.transfer:
                     targets, share = labelled_share(targets, self.cfg.data.num_classes)
@@ -460,7 +478,7 @@ class Trainer:
             with self.strategy.maybe_no_sync(last):
                 with self._autocast():
                     with timer.phase("teacher_forward"):
-                        teacher_logits = task.teacher_forward(x_teacher)
+                        teacher_logits = cached if self.cache else task.teacher_forward(x_teacher)
                     with timer.phase("student_forward"):
                         student_out = task.student_forward(x_student)
                     with timer.phase("loss"):
@@ -473,6 +491,14 @@ class Trainer:
         with timer.phase("optimizer"):
             totals["skipped"], totals["grad_norm"] = self.optimizer_step(totals["loss"])
         return totals
+
+    def _cached_logits(self, data_epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for a batch, rebuilt on the device from the cache's top-K."""
+        assert self.cache is not None
+        values, indices, rest = self.cache.lookup(data_epoch, index)
+        to = {"device": self.device, "non_blocking": True}
+        return densify(values.to(**to), indices.to(**to), rest.to(**to),
+                       self.cfg.data.num_classes)
 
     def total_bad_samples(self) -> int:
         """Unreadable samples skipped so far, summed over ranks (a collective: call on all)."""
@@ -580,6 +606,10 @@ class Trainer:
         start is kept in its checkpoints).
         """
         dc, num_classes = self.cfg.distill, self.cfg.data.num_classes
+        if self.cache is not None:
+            log.info("teacher check skipped: training from distill.teacher_cache (the teacher "
+                     "is not built)")
+            return None
         if self.teacher is None:  # labels only: nothing to check, nothing to say
             return None
         skip = ("distill.check_teacher=false" if not dc.check_teacher else

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from kd.data.datasets import KeyedDataset, build_dataset, collate
+from kd.data.datasets import KeyedDataset, WithIndex, build_dataset, collate
 from kd.data.sampler import EvalBatchSampler, TrainBatchSampler
 
 log = logging.getLogger("kd")
@@ -26,7 +27,8 @@ def _loader_kwargs(num_workers: int, pin_memory: bool, prefetch_factor: int, see
 
 def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: int,
                        world_size: int, num_workers: int, pin_memory: bool,
-                       prefetch_factor: int = 2, stream_slots: int | None = None
+                       prefetch_factor: int = 2, stream_slots: int | None = None,
+                       recorded_seeds: Callable[[int], torch.Tensor] | None = None
                        ) -> DataLoader:
     """A loader over this rank's shuffled full batches of ``(images, labels, bad)``.
 
@@ -34,6 +36,10 @@ def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: 
     resume from. Workers persist across epochs (no re-spawn cost per epoch). A streamed dataset
     (:class:`kd.data.stream.WdsStreamDataset`) is read by ``stream_slots`` readers per rank
     (None: one per worker).
+
+    ``recorded_seeds(epoch)`` (a teacher-output cache, :mod:`kd.cache`) replaces the epoch's
+    augmentation seeds by the ones the cache recorded, and batches then carry their samples'
+    dataset indices as a fourth item.
     """
     from kd.data.stream import StreamBatchSampler, WdsStreamDataset
 
@@ -47,8 +53,10 @@ def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: 
                         "every shard and keeps 1/%d of its samples; use at least %d shards",
                         len(dataset.shards), units, world_size, slots, units, units)
     else:
-        sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size)
-    return DataLoader(dataset, batch_sampler=sampler, persistent_workers=num_workers > 0,
+        sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size,
+                                    recorded_seeds)
+    source: Dataset = dataset if recorded_seeds is None else WithIndex(dataset)
+    return DataLoader(source, batch_sampler=sampler, persistent_workers=num_workers > 0,
                       **_loader_kwargs(num_workers, pin_memory, prefetch_factor, seed))
 
 

@@ -70,12 +70,33 @@ def label_out_of_range(num_classes: int, where: str, label: int) -> DataError:
                      f"data.num_classes to at least {label + 1}")
 
 
-def collate(samples: list[tuple[torch.Tensor, int, list[str]]]
-            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack a batch; keep the descriptions of the samples skipped while reading it."""
+class WithIndex(Dataset):
+    """``dataset[key]`` followed by the dataset index the key asked for (a teacher-output cache
+    looks its rows up by it; a replaced unreadable sample keeps the index asked for, as it did
+    when the cache was written)."""
+
+    def __init__(self, dataset: KeyedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int, list[str], int]:
+        return (*self.dataset[key], key[0])
+
+
+def collate(samples: list[tuple]) -> tuple:
+    """Stack a batch; keep the descriptions of the samples skipped while reading it.
+
+    ``(image, label, bad)`` samples give ``(images, labels, bad)``; :class:`WithIndex` samples
+    add their dataset indices as a fourth item.
+    """
     images = torch.stack([s[0] for s in samples])
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images, labels, [b for s in samples for b in s[2]]
+    bad = [b for s in samples for b in s[2]]
+    if len(samples[0]) == 4:
+        return images, labels, bad, torch.tensor([s[3] for s in samples], dtype=torch.int64)
+    return images, labels, bad
 
 
 def random_affine(image: torch.Tensor, g: torch.Generator, shift: float, degrees: float,

@@ -1,9 +1,10 @@
 """Mixup / CutMix on the device, reproducible from (seed, step).
 
 timm's :class:`~timm.data.Mixup` draws its parameters from NumPy's global generator; kd seeds
-that generator from the run seed, the rank, the optimizer step and the micro-batch before each
-call (and restores it after), so a batch's mixing is a pure function of where it sits in the run:
-resumed runs and replays mix exactly as the original did.
+that generator from the run seed, the rank, the epoch and the batch's position in that epoch
+before each call (and restores it after), so a batch's mixing is a pure function of where it sits
+in the data order: resumed runs, and runs replaying a teacher-output cache (:mod:`kd.cache`), mix
+exactly as the original did.
 
 The mixed batch is what both the student and the teacher see, and the targets become soft
 (mixed one-hot, with ``train.label_smoothing`` applied by Mixup itself).
@@ -28,9 +29,10 @@ def build_mixup(cfg: Any, num_classes: int, label_smoothing: float) -> Any | Non
                  label_smoothing=label_smoothing, num_classes=num_classes)
 
 
-def mix_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """The NumPy seed for one micro-batch's mixing parameters."""
-    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+def mix_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """The NumPy seed for the mixing parameters of this rank's ``batch``-th (micro-)batch of
+    data epoch ``epoch``."""
+    return int(np.random.SeedSequence([seed, rank, epoch, batch]).generate_state(1)[0])
 
 
 def apply_mixup(mixup: Any, images: torch.Tensor, targets: torch.Tensor,

@@ -9,12 +9,19 @@ worker, rank or restart produces it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
 
 SampleKey = tuple[int, int | None]  # (dataset index, augmentation seed or None for no augmentation)
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's permutation of ``range(size)`` and every sample's augmentation seed."""
+    g = epoch_generator(seed, epoch)
+    order = torch.randperm(size, generator=g)
+    return order, torch.randint(0, 2**31 - 1, (size,), generator=g)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -37,10 +44,13 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1,
+                 recorded_seeds: Callable[[int], torch.Tensor] | None = None) -> None:
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
+        # A teacher-output cache (kd.cache) replays the augmentation seeds it recorded.
+        self.recorded_seeds = recorded_seeds
 
     def __len__(self) -> int:
         """Batches per epoch for this rank (including any skipped by a resume)."""
@@ -51,9 +61,9 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        g = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(self.size, generator=g)
-        aug_seeds = torch.randint(0, 2**31 - 1, (self.size,), generator=g)
+        order, aug_seeds = epoch_order(self.seed, self.epoch, self.size)
+        if self.recorded_seeds is not None:
+            aug_seeds = self.recorded_seeds(self.epoch)
         usable = len(self) * self.batch_size * self.world_size
         mine = order[:usable][self.rank::self.world_size].tolist()
         seeds = aug_seeds.tolist()
