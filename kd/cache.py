@@ -443,8 +443,10 @@ class CacheBuilder:
             progress.update(len(index))
         tensors = {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in parts.items()}
         shard = self.out / shard_name(epoch, self.dist.rank)
-        save_weights(shard, tensors, {"format": str(FORMAT), "epoch": str(epoch),
-                                      "rank": str(self.dist.rank)})
+        # One metadata key: safetensors writes several in a random order, and a rebuilt shard
+        # should have the same bytes (and checksum).
+        save_weights(shard, tensors, {"kd_cache": f"format={FORMAT} epoch={epoch} "
+                                                  f"rank={self.dist.rank}"})
         record = {"file": shard.name, "epoch": epoch, "rank": self.dist.rank,
                   "rows": len(tensors["index"]), "bytes": shard.stat().st_size,
                   "sha256": _sha256(shard), "build_s": round(time.perf_counter() - t0, 3)}

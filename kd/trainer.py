@@ -352,7 +352,9 @@ class Trainer:
         """
         cfg = self.cfg
         t_start = time.perf_counter()
-        if evaluate:  # before output_dir exists: a teacher that fails leaves nothing written
+        if self.cache is not None:  # before output_dir exists: read (and verify) the rows of
+            self.cache.seeds(self.data_epoch(self.step // self.steps_per_epoch))  # 1st epoch
+        if evaluate:  # likewise: a teacher that fails leaves nothing written
             self.check_teacher()
         if self.dist.is_main:
             try:

@@ -35,11 +35,12 @@ def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
-             wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+             wait: bool = True, command: str = "train"
+             ) -> subprocess.CompletedProcess | subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
            f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={port or free_port()}", f"--node-rank={node_rank}",
-           "-m", "kd.cli", "train", *args]
+           "-m", "kd.cli", command, *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -47,8 +48,8 @@ def torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: 
                           timeout=600)
 
 
-def single(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd.cli", "train", *args], cwd=ROOT,
+def single(*args: str, command: str = "train") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd.cli", command, *args], cwd=ROOT,
                           env=launch_env(), capture_output=True, text=True, timeout=600)
 
 
