@@ -9,6 +9,7 @@
     kd compare [-c preset.yaml] [k=v ...] --seeds K labels only vs distillation, same budget
     kd cache-teacher [-c ...] [k=v ...] --epochs E --top-k K --out DIR
                                                    store teacher outputs for cached training
+    kd plan [-c ...] [k=v ...] --gpu G --nodes N   size a job: memory per GPU, batch, step time
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-ms", type=float, default=0.0, help="simulated training step after "
                    "each batch, in ms: shows whether the loader keeps up (default: 0)")
     p.add_argument("--out", help="output folder (default: <output_dir>/tune_loader)")
+    p = sub.add_parser("plan", help="size a multi-node job before launching it: memory per "
+                       "GPU, largest batch, step time (kd.plan)")
+    _add_config_args(p)
+    p.add_argument("--gpu", help="GPU model: a100-40gb, a100-80gb, h100 (SXM 80GB), h200")
+    p.add_argument("--instance", help="SageMaker instance p4d, p4de, p5 or p5e: sets --gpu, "
+                   "--gpus-per-node and --network-gbps (explicit options win)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8)")
+    p.add_argument("--network-gbps", type=float, help="network bandwidth per node between "
+                   "nodes, Gbit/s (default: the SageMaker instance with this GPU)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="achievable fraction of the GPU's dense peak FLOP/s (default 0.4)")
+    p.add_argument("--json", metavar="FILE", help="also write the plan's numbers here")
     return parser
 
 
@@ -304,9 +318,25 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kd.config import DEMO_PRESET, load_config
+    from kd.plan import print_plan, resolve_cluster, run_plan, write_json
+
+    cluster = resolve_cluster(args.gpu, args.instance, args.nodes, args.gpus_per_node,
+                              args.network_gbps)  # before the models are built
+    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    plan = run_plan(cfg, cluster, args.mfu)
+    print_plan(plan)
+    if args.json:
+        write_json(plan, args.json)
+        print(f"json: {args.json}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export,
             "tune-loader": cmd_tune_loader, "profile": cmd_profile, "compare": cmd_compare,
-            "cache-teacher": cmd_cache_teacher}
+            "cache-teacher": cmd_cache_teacher,
+            "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,6 +83,11 @@ def _train_size(cfg: Any) -> int:
 
 def plan(cfg: Any, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shared budget and each arm's config (``cfg``: the resolved config of the command)."""
+    if cfg.distill.teacher_cache:
+        raise ConfigError("kd compare trains every arm with several seeds and its own data, but "
+                          "distill.teacher_cache holds the teacher's outputs for one seed and one "
+                          "training split: unset distill.teacher_cache (kd compare runs the "
+                          "teacher)")
     arms = arms_for(cfg)
     accum = cfg.train.grad_accum_steps
     sizes = {arm: _train_size(_with(cfg, arm_overrides(cfg, arm))) for arm in arms}

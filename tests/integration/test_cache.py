@@ -27,6 +27,13 @@ MIX = ("data.mixup=0.8", "data.cutmix=1.0", "data.mixup_switch_prob=0.5")
 STEPWISE = ("train.log_every=1", "checkpoint.every_steps=0", "train.eval_every_epochs=2")
 
 
+def cli_train(teacher: str, out: Path, *overrides: str):
+    from tests.conftest import TINY
+
+    return kd_cli("train", "-c", TINY, f"teacher.checkpoint={teacher}", f"output_dir={out}",
+                  *overrides)
+
+
 def make_cache(teacher: str, out: Path, *overrides: str, epochs: int = 2,
                top_k: int = 4) -> dict:
     cfg = tiny_config(teacher, out.parent / f"{out.name}_cfg", *overrides)
@@ -120,19 +127,21 @@ def test_more_epochs_than_cached_is_an_error_or_cycles(tiny_teacher: str,
                                                        tmp_path: Path) -> None:
     make_cache(tiny_teacher, tmp_path / "cache", epochs=1)
     cache = f"distill.teacher_cache={tmp_path / 'cache'}"
-    result = kd_cli("train", "-c", str(Path(tiny_config.__code__.co_filename).parents[2] /
-                                       "configs" / "tiny.yaml"),
-                    f"teacher.checkpoint={tiny_teacher}", f"output_dir={tmp_path / 'err'}",
-                    cache)
+    result = cli_train(tiny_teacher, tmp_path / "err", cache)
     assert_one_line_user_error(result, "training runs 2 epochs", "holds 1",
                                "distill.cache_cycle=true")
     assert not (tmp_path / "err").exists()
     cycled = train_tiny(tiny_teacher, tmp_path / "cycled", cache, "distill.cache_cycle=true",
                         *STEPWISE)
     assert cycled.summary["steps"] == 16
-    # Epoch 1 replayed cached epoch 0: its losses follow the same data as epoch 0's did.
+    # Epoch 1 replayed cached epoch 0: the same data order and augmentation.
     trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "t", cache, "distill.cache_cycle=true"))
     assert [trainer.data_epoch(e) for e in range(3)] == [0, 0, 0]
+    sampler = trainer.train_loader.batch_sampler
+    sampler.set_epoch(trainer.data_epoch(1))
+    assert list(sampler) == list(Trainer(tiny_config(
+        tiny_teacher, tmp_path / "t0", cache, "distill.cache_cycle=true")).train_loader
+        .batch_sampler)
 
 
 def test_transfer_set_trains_from_the_cache(tiny_teacher: str, tmp_path: Path) -> None:
@@ -171,13 +180,6 @@ def built(tiny_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("built") / "cache"
     make_cache(tiny_teacher, out, epochs=2)
     return out
-
-
-def cli_train(teacher: str, out: Path, *overrides: str):
-    from tests.conftest import TINY
-
-    return kd_cli("train", "-c", TINY, f"teacher.checkpoint={teacher}", f"output_dir={out}",
-                  *overrides)
 
 
 @pytest.mark.parametrize(("override", "names"), [

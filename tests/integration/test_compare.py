@@ -71,3 +71,13 @@ def test_compare_without_distillation_is_a_user_error(tmp_path: Path,
     assert rc == 2
     assert "distill.loss" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_compare_refuses_a_teacher_cache(tiny_teacher: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["compare", "-c", TINY, f"teacher.checkpoint={tiny_teacher}",
+               f"distill.teacher_cache={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unset distill.teacher_cache" in err[0]
+    assert not (tmp_path / "out").exists()
