@@ -316,7 +316,7 @@ class CacheBuilder:
         from kd.data.datasets import build_split
         from kd.data.mix import build_mixup
         from kd.dist import init_distributed
-        from kd.models import build_teacher
+        from kd.models import build_teacher, teacher_dtype
         from kd.trainer import DTYPES, resolve_precision
 
         self.cfg, self.epochs, self.out = cfg, epochs, out
@@ -341,6 +341,8 @@ class CacheBuilder:
         self.transfer = transfer
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.autocast_dtype = DTYPES.get(self.precision)
+        # The teacher as a live run holds it, so that cached and live logits agree.
+        self.teacher.cast(teacher_dtype(cfg.teacher.dtype, self.precision))
         self.fields = cache_fields(cfg, self.channels, len(self.train_set), self.dist.world_size)
 
     # -- the plan and its resumption
@@ -476,6 +478,7 @@ class CacheBuilder:
         manifest = {
             **self.plan(), "kd_version": __version__, "epochs": self.epochs,
             "teacher_sha256": teacher_hash(self.teacher.model),
+            "teacher_dtype": str(self.teacher.dtype).removeprefix("torch."),
             "values_dtype": "float16", "indices_dtype": str(index_dtype(
                 self.cfg.data.num_classes)).removeprefix("torch."),
             "row_bytes": row_bytes(self.top_k, self.cfg.data.num_classes),

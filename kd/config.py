@@ -72,6 +72,10 @@ class TeacherConfig:
     mean: list[float] | None = _field(
         None, "Teacher input mean; when it differs from the student's, inputs are re-normalised.")
     std: list[float] | None = _field(None, "Teacher input std; null takes the model's config.")
+    dtype: str = _field(
+        "auto", "dtype of the frozen teacher's weights: `auto` (bf16 or fp16 when training under "
+        "that autocast, so no fp32 copy is kept: half the memory and no per-forward weight "
+        "casts; fp32 otherwise), `fp32`, `bf16` or `fp16`.")
     image_size: int | None = _field(
         None, "Side of the image the teacher sees; null: `data.image_size`. When it differs, the "
         "student's augmented (and mixed) batch is resized on the device, so both see the same "
@@ -228,6 +232,13 @@ class TrainConfig:
         "(`n_skipped_steps`); this many consecutive skips stop the run (exit code 4), checked at "
         "log steps. 0: never stop.")
     device: str = _field("auto", "`auto` (cuda when present), `cpu`, `cuda`.")
+    compile: bool = _field(
+        False, "torch.compile the student and the teacher (in place, before DDP wraps the "
+        "student; checkpoints keep their keys). The first steps pay the compilation (minutes for "
+        "large models).")
+    compile_mode: str = _field(
+        "default", "torch.compile mode with `train.compile`: `default`, `reduce-overhead` (CUDA "
+        "graphs; the teacher's static shapes suit it) or `max-autotune`.")
 
 
 @dataclass
@@ -268,6 +279,9 @@ class KDConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "teacher.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
+                           "max-autotune-no-cudagraphs"),
     "data.name": ("digits", "synthetic", "imagefolder", "wds", "hf"),
     "data.on_error": ("skip", "fail"),
     "data.mixup_mode": ("batch", "pair", "elem"),

@@ -221,10 +221,26 @@ class FrozenTeacher(nn.Module):
         """Stays in eval mode whatever the caller asks (dropout and drop-path off)."""
         return super().train(False)
 
-    @torch.no_grad()
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the teacher's weights (see :meth:`cast`)."""
+        return next(self.model.parameters()).dtype
+
+    def cast(self, dtype: torch.dtype) -> FrozenTeacher:
+        """Hold the weights in ``dtype`` (bf16 or fp16 when training under that autocast: half
+        the memory of fp32, and no cast of every weight at every forward). The normalisation
+        stays fp32; inputs are cast at the model's door."""
+        self.model.to(dtype)
+        return self
+
+    @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for inputs already normalised with ``self.norm``."""
-        out = self.model(x)
+        """Logits for inputs already normalised with ``self.norm``.
+
+        Runs under ``torch.inference_mode`` (no autograd records and no version counters). The
+        logits are inference tensors: read them freely, but do not modify them in place.
+        """
+        out = self.model(x.to(self.dtype))
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -249,6 +265,21 @@ def build_teacher(cfg: Any, num_classes: int) -> FrozenTeacher | None:
         return None
     norm = build_input_norm(model, cfg.mean, cfg.std, "teacher")
     return FrozenTeacher(model, norm)
+
+
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def teacher_dtype(setting: str, precision: str) -> torch.dtype:
+    """``teacher.dtype`` resolved for a run's (resolved) ``train.precision``.
+
+    Example:
+        >>> teacher_dtype("auto", "bf16"), teacher_dtype("auto", "fp32")
+        (torch.bfloat16, torch.float32)
+    """
+    if setting == "auto":
+        return TEACHER_DTYPES.get(precision, torch.float32)
+    return TEACHER_DTYPES[setting]
 
 
 def is_distilled_vit(model: nn.Module) -> bool:

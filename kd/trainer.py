@@ -43,6 +43,7 @@ from kd.models import (
     build_teacher,
     check_patch_grid,
     describe_mismatch,
+    teacher_dtype,
 )
 from kd.optim import build_optimizer, build_scheduler
 from kd.profiler import annotate
@@ -165,6 +166,7 @@ class Trainer:
         self._check_models(student, teacher)
         self.student_core = student.to(self.device).train()
         self.teacher = teacher.to(self.device) if teacher is not None else None
+        self._speed_up_models(cfg)
         # 4. Optimizer and schedule, then the strategy that wraps only the student (DDP, ZeRO or
         #    DeepSpeed); the teacher stays a frozen replica on every rank.
         ddp_zero_world = self.dist.world_size if cfg.dist.strategy == "ddp" else 1
@@ -272,6 +274,23 @@ class Trainer:
                     f"{msg}{hint}") from None
             finally:
                 model.train(was_training)
+
+    def _speed_up_models(self, cfg: Any) -> None:
+        """The teacher's weights in the training dtype (``teacher.dtype``); ``train.compile``
+        compiles both models in place, before the strategy wraps the student."""
+        if self.teacher is not None:
+            dtype = teacher_dtype(cfg.teacher.dtype, self.precision)
+            if dtype != torch.float32:
+                self.teacher.cast(dtype)
+                log.info("teacher weights held in %s (teacher.dtype=%s)",
+                         str(dtype).removeprefix("torch."), cfg.teacher.dtype)
+        if cfg.train.compile:
+            mode = cfg.train.compile_mode
+            self.student_core.compile(mode=mode)
+            if self.teacher is not None:
+                self.teacher.model.compile(mode=mode)
+            log.info("train.compile: student%s compiled (mode %s); the first steps compile",
+                     " and teacher" if self.teacher is not None else "", mode)
 
     def _restore_stream_slots(self, saved: int | None) -> None:
         """A streamed split resumes exactly only with the readers that began its epoch."""
