@@ -410,9 +410,8 @@ class CacheBuilder:
         """(indices, seeds, teacher input) per batch of this rank's share of ``epoch``."""
         from torch.utils.data import DataLoader
 
-        from kd.data.datasets import WithIndex, collate
+        from kd.data.datasets import UNLABELLED, WithIndex, collate
         from kd.data.mix import apply_mixup, mix_seed
-        from kd.data.transfer import UNLABELLED
 
         dc = self.cfg.data
         keys = rank_batches(len(self.train_set), dc.batch_size, self.cfg.seed, epoch,

@@ -26,6 +26,8 @@ from kd.errors import DataError
 # truncated and unidentified images, tarfile ReadError is an OSError too).
 SAMPLE_ERRORS = (OSError, ValueError, SyntaxError)
 MAX_REPLACEMENTS = 50
+# The label of an image without one (a transfer set, shards read without labels).
+UNLABELLED = -1
 
 
 class KeyedDataset(Dataset):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from kd.data.datasets import (
+    UNLABELLED,
     KeyedDataset,
     build_image_transform,
     decode_rgb,
@@ -41,7 +42,6 @@ from kd.errors import ConfigError, DataError
 
 log = logging.getLogger("kd")
 
-UNLABELLED = -1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # timm's image folder reader's extensions
 
 

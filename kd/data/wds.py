@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from kd.data.datasets import (
+    UNLABELLED,
     KeyedDataset,
     build_image_transform,
     decode_rgb,
@@ -74,7 +75,6 @@ log = logging.getLogger("kd")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
 LABEL_EXTS = ("cls", "cls.txt", "json")
 MAX_OPEN_SHARDS = 64  # file handles kept open per process (least recently used closed first)
-NO_LABEL = -1  # the label of every sample of an unlabelled dataset (labels=False)
 BAD_LABEL = -2  # index marker: this sample's label is missing or unreadable (see label_errors)
 
 
@@ -191,7 +191,7 @@ def scan_shard(path: Path, labels: bool = True) -> _ShardIndex:
                 if image is None:
                     index.n_ignored_keys += 1
                     continue
-                label = _read_label(raw, exts) if labels else NO_LABEL
+                label = _read_label(raw, exts) if labels else UNLABELLED
                 if isinstance(label, str):
                     index.label_errors[len(index.names)] = label
                     label = BAD_LABEL
