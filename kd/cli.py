@@ -7,6 +7,7 @@
     kd tune-loader [-c preset.yaml] [key=value ...] data-loader workers sweep and advice
     kd profile [-c preset.yaml] [key=value ...]    profile a short run; report what to fix
     kd compare [-c preset.yaml] [k=v ...] --seeds K labels only vs distillation, same budget
+    kd bench [--teacher T --student S ...]         training speed: kd vs plain PyTorch vs timm
     kd cache-teacher [-c ...] [k=v ...] --epochs E --top-k K --out DIR
                                                    store teacher outputs for cached training
     kd plan [-c ...] [k=v ...] --gpu G --nodes N   size a job: memory per GPU, batch, step time
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-ms", type=float, default=0.0, help="simulated training step after "
                    "each batch, in ms: shows whether the loader keeps up (default: 0)")
     p.add_argument("--out", help="output folder (default: <output_dir>/tune_loader)")
+    p = sub.add_parser("bench", help="training speed: kd's Trainer vs a plain PyTorch loop vs "
+                       "timm's LogitDistillationTask, same models and data (kd.bench)")
+    add_bench_args(p)
     p = sub.add_parser("plan", help="size a multi-node job before launching it: memory per "
                        "GPU, largest batch, step time (kd.plan)")
     _add_config_args(p)
@@ -104,6 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="achievable fraction of the GPU's dense peak FLOP/s (default 0.4)")
     p.add_argument("--json", metavar="FILE", help="also write the plan's numbers here")
     return parser
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """``kd bench``'s options (also ``benchmarks/bench_train.py``'s)."""
+    p.add_argument("--teacher", default="vit_small_patch16_224",
+                   help="timm teacher, random-initialised (default: vit_small_patch16_224)")
+    p.add_argument("--student", default="vit_tiny_patch16_224",
+                   help="timm student (default: vit_tiny_patch16_224)")
+    p.add_argument("--image-size", action="append", metavar="N[,N...]",
+                   help="image side; repeat or give a comma list (default: 112,224)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 on GPUs that have it, fp32 on CPU (default auto)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per loop and round "
+                   "(default 5)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps of each loop before the rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of the three loops in turn; medians over them (default 3)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--num-classes", type=int, default=1000, help="classes (default 1000)")
+    p.add_argument("--teacher-kwargs", metavar="YAML", help="timm.create_model arguments, "
+                   "e.g. '{embed_dim: 48, depth: 1, num_heads: 2}'")
+    p.add_argument("--student-kwargs", metavar="YAML", help="as --teacher-kwargs")
+    p.add_argument("--json", metavar="FILE", help="write every number and the machine here")
 
 
 def _version() -> str:
@@ -318,6 +347,34 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yaml_mapping(text: str | None, option: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"{option} {text}: expected a mapping, e.g. '{{embed_dim: 48}}'")
+    return value
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kd.bench import check_json_path, parse_image_sizes, print_table, run_bench, write_json
+
+    check_json_path(args.json)
+    result = run_bench(
+        args.teacher, args.student, parse_image_sizes(args.image_size), args.batch,
+        args.precision, args.steps, args.warmup, args.rounds, args.device, args.num_classes,
+        _yaml_mapping(args.teacher_kwargs, "--teacher-kwargs"),
+        _yaml_mapping(args.student_kwargs, "--student-kwargs"))
+    print_table(result)
+    if args.json:
+        write_json(result, args.json)
+        print(f"json: {args.json}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from kd.config import DEMO_PRESET, load_config
     from kd.plan import print_plan, resolve_cluster, run_plan, write_json
@@ -335,7 +392,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export,
             "tune-loader": cmd_tune_loader, "profile": cmd_profile, "compare": cmd_compare,
-            "cache-teacher": cmd_cache_teacher,
+            "cache-teacher": cmd_cache_teacher, "bench": cmd_bench,
             "plan": cmd_plan}
 
 
