@@ -229,7 +229,8 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
                   total_steps: int, device: str, num_classes: int, workdir: Path,
                   teacher_kwargs: dict[str, Any] | None = None,
                   student_kwargs: dict[str, Any] | None = None, temperature: float = 4.0,
-                  alpha: float = 0.5, seed: int = 0) -> tuple[Any, nn.Module]:
+                  alpha: float = 0.5, seed: int = 0,
+                  kd_overrides: Sequence[str] = ()) -> tuple[Any, nn.Module]:
     """A kd Trainer for the benchmark, and the teacher for the other loops.
 
     The random-initialised teacher is saved under ``workdir`` for the Trainer (kd distils only
@@ -261,7 +262,9 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
         "checkpoint.resume": "none", "checkpoint.every_steps": 0,
     }
     # JSON is YAML: dictionaries and strings pass through the dotted overrides unchanged.
-    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    # ``kd_overrides`` (``--set``) go last: kd options under test, e.g. train.compile=true.
+    cfg = load_config(None, [*(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
+                             *kd_overrides])
     trainer = Trainer(cfg)
     return trainer, model.to(trainer.device).eval().requires_grad_(False)
 
@@ -295,7 +298,7 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
                      steps: int = 5, warmup: int = 2, rounds: int = 3, device: str = "auto",
                      num_classes: int = 1000, teacher_kwargs: dict[str, Any] | None = None,
                      student_kwargs: dict[str, Any] | None = None, temperature: float = 4.0,
-                     alpha: float = 0.5) -> dict[str, Any]:
+                     alpha: float = 0.5, kd_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Images/s of the three loops at one image size, their ratios, FLOPs and MFU.
 
     Args:
@@ -330,7 +333,8 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
     with tempfile.TemporaryDirectory(prefix="kd_bench_") as tmp:
         trainer, teacher_model = build_trainer(
             teacher, student, image_size, batch, precision, warmup + rounds * steps, device,
-            num_classes, Path(tmp), teacher_kwargs, student_kwargs, temperature, alpha)
+            num_classes, Path(tmp), teacher_kwargs, student_kwargs, temperature, alpha,
+            kd_overrides=kd_overrides)
     dev, prec = trainer.device, trainer.precision
     g = torch.Generator().manual_seed(0)
     channels = int(trainer.cfg.student.kwargs.get("in_chans", 3))
@@ -426,7 +430,7 @@ def run_bench(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUDENT,
               device: str = "auto", num_classes: int = 1000,
               teacher_kwargs: dict[str, Any] | None = None,
               student_kwargs: dict[str, Any] | None = None, temperature: float = 4.0,
-              alpha: float = 0.5) -> dict[str, Any]:
+              alpha: float = 0.5, kd_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """:func:`bench_image_size` for each image size, with the settings and the machine.
 
     Example:
@@ -437,14 +441,15 @@ def run_bench(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUDENT,
     t0 = time.perf_counter()
     runs = [bench_image_size(teacher, student, size, batch, precision, steps, warmup, rounds,
                              device, num_classes, teacher_kwargs, student_kwargs, temperature,
-                             alpha) for size in image_sizes]
+                             alpha, kd_overrides) for size in image_sizes]
     return {
         "settings": {"teacher": teacher, "student": student, "image_sizes": list(image_sizes),
                      "batch": batch, "precision": precision, "steps": steps, "warmup": warmup,
                      "rounds": rounds, "device": device, "num_classes": num_classes,
                      "teacher_kwargs": teacher_kwargs or {},
                      "student_kwargs": student_kwargs or {},
-                     "temperature": temperature, "alpha": alpha},
+                     "temperature": temperature, "alpha": alpha,
+                     "kd_overrides": list(kd_overrides)},
         "machine": describe_machine(torch.device(runs[0]["device"])),
         "wall_s": time.perf_counter() - t0,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

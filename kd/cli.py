@@ -132,6 +132,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-kwargs", metavar="YAML", help="timm.create_model arguments, "
                    "e.g. '{embed_dim: 48, depth: 1, num_heads: 2}'")
     p.add_argument("--student-kwargs", metavar="YAML", help="as --teacher-kwargs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a kd config override for kd's Trainer only, e.g. train.compile=true or "
+                   "teacher.dtype=fp32 (repeatable): measures a speed option")
     p.add_argument("--json", metavar="FILE", help="write every number and the machine here")
 
 
@@ -367,7 +370,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.teacher, args.student, parse_image_sizes(args.image_size), args.batch,
         args.precision, args.steps, args.warmup, args.rounds, args.device, args.num_classes,
         _yaml_mapping(args.teacher_kwargs, "--teacher-kwargs"),
-        _yaml_mapping(args.student_kwargs, "--student-kwargs"))
+        _yaml_mapping(args.student_kwargs, "--student-kwargs"), kd_overrides=args.set)
     print_table(result)
     if args.json:
         write_json(result, args.json)

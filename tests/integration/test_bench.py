@@ -37,7 +37,8 @@ def test_kd_bench_cli_table_and_json(tmp_path: Path, capsys) -> None:
     from kd.cli import main
 
     out = tmp_path / "bench.json"
-    assert main([*ARGS, "--json", str(out)]) == 0
+    # --set reaches kd's Trainer only: its teacher in bf16, the other loops' in fp32.
+    assert main([*ARGS, "--set", "teacher.dtype=bf16", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     for title in LOOP_TITLES.values():
         assert title in printed
@@ -45,6 +46,7 @@ def test_kd_bench_cli_table_and_json(tmp_path: Path, capsys) -> None:
 
     result = json.loads(out.read_text())
     assert result["settings"]["image_sizes"] == [IMAGE]
+    assert result["settings"]["kd_overrides"] == ["teacher.dtype=bf16"]
     machine = result["machine"]
     assert machine["cpu"] and machine["threads"] >= 1 and machine["torch"] and machine["timm"]
     (run,) = result["runs"]
@@ -85,6 +87,7 @@ def test_kd_bench_cli_table_and_json(tmp_path: Path, capsys) -> None:
     (["--image-size", "abc"], "--image-size abc"),
     (["--student-kwargs", "[1, 2]"], "--student-kwargs"),
     (["--json", "/nonexistent/bench.json"], "--json /nonexistent/bench.json"),
+    (["--set", "train.compil=true"], "did you mean 'train.compile'"),
 ])
 def test_kd_bench_rejects_bad_options(args: list[str], mention: str, capsys) -> None:
     from kd.cli import main
