@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd.errors import UserError, output_error
 
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3
 MiB = 1024**2
 
@@ -276,6 +277,7 @@ class ModelMeasurement:
     flops_backward: float
     precision: str  # autocast precision of the measurement (the plan's)
     device: str
+    teacher_dtype: str = "float32"  # of the teacher's weights (teacher.dtype)
 
     @property
     def flops_per_image(self) -> float:
@@ -417,8 +419,8 @@ def assumptions(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup, mat
     if m.teacher is None:
         out.append("no teacher in memory (labels only, or logits from distill.teacher_cache)")
     else:
-        out.append("teacher: a frozen fp32 replica on every GPU (kd has no reduced-precision "
-                   "teacher), forward only, no gradients"
+        out.append(f"teacher: a frozen replica on every GPU with {m.teacher_dtype} weights "
+                   f"(teacher.dtype), forward only, no gradients"
                    + ("" if m.teacher_runs else "; it does not run in training"))
     out += [
         f"activations: the peak of live tensor bytes during one training step, measured on "
@@ -530,6 +532,7 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
         build_student,
         check_patch_grid,
         create_timm_model,
+        teacher_dtype,
     )
     from kd.task import DistillationTask
 
@@ -552,6 +555,8 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
                          else "data.image_size")
         teacher = FrozenTeacher(model, build_input_norm(model, cfg.teacher.mean, cfg.teacher.std,
                                                         "teacher")).to(device)
+        # Held as training holds it: bf16 weights under bf16 autocast (teacher.dtype=auto).
+        teacher.cast(teacher_dtype(cfg.teacher.dtype, plan_precision(cfg.train.precision)))
     student = student.to(device).train()
     student_norm = student_norm.to(device)
     task = DistillationTask(student, student_norm, teacher, cfg.distill,
@@ -654,6 +659,7 @@ def measure_models(cfg: Any, device: torch.device | None = None,
         gradient_bytes=tensor_bytes(trainable),
         teacher_params=sum(p.numel() for p in teacher.parameters()) if teacher else 0,
         teacher_bytes=tensor_bytes(teacher_tensors),
+        teacher_dtype=str(teacher.dtype).removeprefix("torch.") if teacher else "float32",
         optimizer=str(cfg.optim.name),
         optimizer_bytes_per_param=bytes_per_param,
         activation_bytes_per_image=per_image,
@@ -748,7 +754,8 @@ def print_plan(plan: dict[str, Any], console: Any = None) -> None:
         ("optimizer state", "optimizer_state", f"{m['optimizer']}: {bpp:.2f} B/param"
          + (f" ({bpp / 4:.3g} fp32 tensors)" if bpp else "")),
         ("teacher weights", "teacher_weights",
-         f"{m['teacher_params'] / 1e6:,.2f} M params, fp32, frozen" if m["teacher"]
+         f"{m['teacher_params'] / 1e6:,.2f} M params, "
+         f"{DTYPE_NAMES.get(m['teacher_dtype'], m['teacher_dtype'])}, frozen" if m["teacher"]
          else "no teacher in memory"),
         ("static total", "static", ""),
     ]
