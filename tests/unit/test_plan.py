@@ -252,3 +252,15 @@ def test_measurement_of_the_tiny_config() -> None:
     adamw = measure_models(load_config(TINY, ["distill.loss=none"]), torch.device("cpu"))
     assert adamw.optimizer_bytes_per_param == pytest.approx(8.0, abs=0.05)
     assert adamw.teacher is None and adamw.flops_teacher_forward == 0  # labels only
+
+
+def test_teacher_counted_in_the_dtype_training_holds_it() -> None:
+    cpu = torch.device("cpu")
+    fp32 = measure_models(load_config(TINY), cpu)
+    bf16 = measure_models(load_config(TINY, ["train.precision=bf16"]), cpu)
+    assert (fp32.teacher_dtype, bf16.teacher_dtype) == ("float32", "bfloat16")
+    assert fp32.teacher_params == bf16.teacher_params
+    # Only the weights halve: the input normalisation (6 fp32 numbers) stays.
+    assert fp32.teacher_bytes - 24 == 2 * (bf16.teacher_bytes - 24)
+    kept = measure_models(load_config(TINY, ["train.precision=bf16", "teacher.dtype=fp32"]), cpu)
+    assert kept.teacher_bytes == fp32.teacher_bytes
