@@ -339,9 +339,11 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from kd.config import DEMO_PRESET, load_config
 
     cfg = load_config(args.config or DEMO_PRESET, args.overrides)
-    top_k = args.top_k or cfg.distill.cache_top_k or min(10, cfg.data.num_classes)
+    top_k = args.top_k if args.top_k is not None else (
+        cfg.distill.cache_top_k or min(10, cfg.data.num_classes))
+    epochs = args.epochs if args.epochs is not None else cfg.train.epochs
     with _process_group():
-        manifest = build_cache(cfg, args.epochs or cfg.train.epochs, top_k, args.out)
+        manifest = build_cache(cfg, epochs, top_k, args.out)
     if manifest is not None:
         print(f"kd cache-teacher: {manifest['epochs']} epochs, {manifest['rows']} image-epochs, "
               f"top-{manifest['top_k']}: {human_size(manifest['bytes'])} "

@@ -402,6 +402,18 @@ def command(name: str, *options: str) -> Callable[[Env], list[str]]:
     return lambda env: [name, "-c", TINY, f"output_dir={env.out}", *options]
 
 
+def cache_teacher(*options: str, teacher: bool = True) -> Callable[[Env], list[str]]:
+    """``kd cache-teacher`` on the tiny preset into ``<tmp>/cache``."""
+    return lambda env: ["cache-teacher", "-c", TINY, *(
+        [f"teacher.checkpoint={env.teacher}"] if teacher else []), "--out",
+        str(env.tmp / "cache"), *options]
+
+
+def not_a_cache(env: Env) -> list[str]:
+    write(env.tmp / "cache" / "notes.txt", "mine")
+    return cache_teacher()(env)
+
+
 # ------------------------------------------------------------------------------------ the table
 ROWS = [
     # The command line and the -c file.
@@ -537,6 +549,23 @@ ROWS = [
         "No space left", "intact", "disk", writes=True, check=previous_checkpoint_intact),
     row("disk-full-saving-the-final-weights", full_at_final_weights, "student.safetensors",
         "No space left", "disk", writes=True, check=final_weights_not_half_written),
+    # Teacher-output caches (kd cache-teacher, distill.teacher_cache).
+    row("cache-without-a-teacher", cache_teacher(teacher=False), "needs a teacher",
+        "teacher.checkpoint"),
+    row("cache-top-k-zero", cache_teacher("--top-k", "0"), "--top-k 0", "data.num_classes=4"),
+    row("cache-top-k-above-classes", cache_teacher("--top-k", "5"), "--top-k 5"),
+    row("cache-zero-epochs", cache_teacher("--epochs", "0"), "--epochs 0"),
+    row("cache-into-a-folder-of-other-files", not_a_cache, "is not empty", "holds no kd cache"),
+    row("train-from-a-missing-cache", ("distill.teacher_cache={tmp}/nowhere",),
+        "distill.teacher_cache: folder not found", "kd cache-teacher"),
+    row("train-from-a-cache-without-loss", ("distill.teacher_cache={tmp}", "distill.loss=none"),
+        "distill.loss", "unset distill.teacher_cache"),
+    row("cache-top-k-zero-config", ("distill.cache_top_k=0",), "distill.cache_top_k"),
+    # kd plan and kd bench.
+    row("plan-unknown-gpu", lambda env: ["plan", "--gpu", "v100"], "--gpu v100", "a100-40gb"),
+    row("plan-no-nodes", lambda env: ["plan", "--gpu", "h100", "--nodes", "0"], "--nodes 0"),
+    row("bench-unknown-kd-key", lambda env: ["bench", "--set", "train.compil=true"],
+        "train.compil", "train.compile"),
     row("disk-full-writing-the-summary", full_at_summary, "summary.json", "No space left",
         "disk", writes=True, check=no_summary),
 ]
