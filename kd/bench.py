@@ -305,7 +305,7 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
         teacher, student: timm model names (random initialisation, no download).
         image_size: side of the square images.
         batch: images per step.
-        precision: ``auto`` (bf16 on GPUs that have it, fp32 on CPU, as kd picks), ``fp32``,
+        precision: ``auto`` (as kd's ``train.precision=auto``: bf16 on GPUs and AMX CPUs), ``fp32``,
             ``bf16`` or ``fp16`` (autocast, and a gradient scaler in every loop with fp16).
         steps: timed steps per loop per round.
         warmup: untimed steps of each loop before the first round.

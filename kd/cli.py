@@ -120,7 +120,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="image side; repeat or give a comma list (default: 112,224)")
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 on GPUs that have it, fp32 on CPU (default auto)")
+                   help="auto: as train.precision=auto, bf16 on GPUs and AMX CPUs, else fp32 "
+                   "(default auto)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per loop and round "
                    "(default 5)")
     p.add_argument("--warmup", type=int, default=2,

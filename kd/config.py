@@ -218,7 +218,9 @@ class TrainConfig:
         None, "Stop after this many optimizer steps (the schedule spans them); null: epochs.")
     precision: str = _field(
         "auto", "`bf16`, `fp16` (with a gradient scaler) or `fp32` autocast. `auto`: bf16 on "
-        "GPUs that support it, fp32 on CPU (set bf16 for ViT-S-sized models on AMX CPUs).")
+        "GPUs that support it (else fp16) and on CPUs with AMX (Sapphire Rapids and later), fp32 "
+        "on other CPUs. Very small models run faster in fp32 even with AMX (the digits demo pins "
+        "it).")
     grad_accum_steps: int = _field(1, "Micro-batches per optimizer step.")
     label_smoothing: float = _field(0.0, "Label smoothing of the task (cross-entropy) term.")
     log_every: int = _field(50, "Optimizer steps between log lines / metrics records.")

@@ -75,13 +75,25 @@ def near_chance(num_classes: int) -> float:
     return min(2.0 / num_classes, 0.75)
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX: Sapphire Rapids and
+    later), where bf16 autocast trains ViTs faster than fp32 (kd bench: 72 vs 48 img/s for
+    ViT-S → ViT-Ti at 112 px on 2 cores). torch exposes the check only privately."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # a private API: never let it stop a run
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 on GPUs that support it (else fp16), fp32 on CPU."""
+    """``auto`` → bf16 on GPUs that support it (else fp16) and on CPUs with AMX, fp32 on other
+    CPUs."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_has_amx_bf16() else "fp32"
 
 
 class PhaseTimer:
