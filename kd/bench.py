@@ -438,6 +438,7 @@ def run_bench(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUDENT,
         >>> result["runs"][0]["ratios"]["kd/plain"]  # doctest: +SKIP
         0.99
     """
+    check_kd_overrides(kd_overrides)
     t0 = time.perf_counter()
     runs = [bench_image_size(teacher, student, size, batch, precision, steps, warmup, rounds,
                              device, num_classes, teacher_kwargs, student_kwargs, temperature,
@@ -494,6 +495,22 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(f"machine: {m['device_name']}, {m['threads']} threads "
                   f"({m['logical_cores']} logical cores), torch {m['torch']}, timm {m['timm']}",
                   highlight=False, soft_wrap=True)
+
+
+# What ``--set`` may change: options of how kd runs the same step. Anything else (batch, mixing,
+# accumulation, losses, models) would make kd's step other work than the other loops' steps.
+SPEED_OPTIONS = ("train.compile", "train.compile_mode", "teacher.dtype", "optim.zero",
+                 "train.log_phases")
+
+
+def check_kd_overrides(overrides: Sequence[str]) -> None:
+    """``--set`` takes ``key=value`` for the speed options in :data:`SPEED_OPTIONS` only."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or key not in SPEED_OPTIONS:
+            raise UserError(f"--set {item}: give key=value for one of {', '.join(SPEED_OPTIONS)} "
+                            f"(other settings would make kd's step other work than the plain "
+                            f"loop's)")
 
 
 def check_json_path(path: str | Path | None) -> None:

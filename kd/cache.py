@@ -124,8 +124,18 @@ def teacher_hash(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def checkpoint_sha256(cfg: Any) -> str | None:
+    """sha256 of the ``teacher.checkpoint`` file, when one is set and present here."""
+    from kd.models import resolve_path
+
+    if not cfg.teacher.checkpoint:
+        return None
+    path = resolve_path(cfg.teacher.checkpoint)
+    return _sha256(path) if path.is_file() else None
 
 
 def shard_name(epoch: int, rank: int) -> str:
@@ -183,6 +193,11 @@ class TeacherCache:
                              f"{manifest.get('format')}, this kd reads {FORMAT}; rebuild it "
                              f"with kd cache-teacher")
         current = cache_fields(cfg, channels, dataset_size, world_size)
+        # The teacher's weights: compared when its checkpoint is on this machine too (a cache is
+        # often trained from where the teacher is not).
+        cached_sha = manifest["fields"].get("teacher.checkpoint sha256")
+        here = checkpoint_sha256(cfg) if cached_sha else None
+        current["teacher.checkpoint sha256"] = here if here else cached_sha
         diff = first_difference(manifest["fields"], current)
         if diff is not None:
             raise CacheError(f"distill.teacher_cache: {path} was built for another config: "
@@ -343,12 +358,34 @@ class CacheBuilder:
         self.autocast_dtype = DTYPES.get(self.precision)
         # The teacher as a live run holds it, so that cached and live logits agree.
         self.teacher.cast(teacher_dtype(cfg.teacher.dtype, self.precision))
+        self.check_teacher_input()
         self.fields = cache_fields(cfg, self.channels, len(self.train_set), self.dist.world_size)
+        self.fields["teacher.checkpoint sha256"] = checkpoint_sha256(cfg)
+
+    def check_teacher_input(self) -> None:
+        """One sample through the teacher, before anything is written: a teacher that cannot
+        take the data is a config error naming the key, as in training."""
+        from kd.models import check_patch_grid
+
+        size = self.cfg.teacher.image_size
+        check_patch_grid(self.teacher.model, size or self.cfg.data.image_size, "teacher",
+                         "teacher.image_size" if size else "data.image_size")
+        image = self.train_set[0][0][None].to(self.device)
+        try:
+            with self._autocast():
+                self.teacher(teacher_input(self.teacher, image, size))
+        except Exception as e:  # shape errors surface as many exception types
+            msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+            raise ConfigError(f"teacher.kwargs: teacher {self.cfg.teacher.name} cannot take the "
+                              f"training images (data.image_size={self.cfg.data.image_size}, "
+                              f"teacher.image_size={size}): {msg}; set teacher.image_size to the "
+                              f"size it was trained at") from None
 
     # -- the plan and its resumption
     def plan(self) -> dict[str, Any]:
         return {"format": FORMAT, "fields": self.fields, "top_k": self.top_k,
-                "world_size": self.dist.world_size, "precision": self.precision}
+                "world_size": self.dist.world_size, "precision": self.precision,
+                "teacher_dtype": str(self.teacher.dtype).removeprefix("torch.")}
 
     def check_out(self) -> None:
         """A resumed build must be the same cache; rank 0 writes the plan of a new one."""
@@ -362,11 +399,12 @@ class CacheBuilder:
             if not isinstance(old, dict) or "fields" not in old:
                 raise CacheError(f"--out {self.out}: {plan_file} is not a kd cache plan; use "
                                  f"another --out")
+            # Every shard of a cache comes from the same teacher, weights and precision.
+            keys = {"top_k": "--top-k", "world_size": "processes (of the build)",
+                    "precision": "train.precision (resolved)", "teacher_dtype": "teacher.dtype"}
             diff = first_difference(
-                {**old["fields"], "--top-k": old.get("top_k"),
-                 "processes (of the build)": old.get("world_size")},
-                {**plan["fields"], "--top-k": self.top_k,
-                 "processes (of the build)": self.dist.world_size})
+                {**old["fields"], **{name: old.get(k) for k, name in keys.items()}},
+                {**plan["fields"], **{name: plan[k] for k, name in keys.items()}})
             if diff is not None:
                 raise CacheError(f"--out {self.out} holds a cache begun for other settings "
                                  f"({diff}); resume it with the same settings, or use another "

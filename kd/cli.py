@@ -134,8 +134,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "e.g. '{embed_dim: 48, depth: 1, num_heads: 2}'")
     p.add_argument("--student-kwargs", metavar="YAML", help="as --teacher-kwargs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a kd config override for kd's Trainer only, e.g. train.compile=true or "
-                   "teacher.dtype=fp32 (repeatable): measures a speed option")
+                   help="a speed option for kd's Trainer only (train.compile, "
+                   "train.compile_mode, teacher.dtype, optim.zero, train.log_phases; "
+                   "repeatable): the plain loop in the same run is the control")
     p.add_argument("--json", metavar="FILE", help="write every number and the machine here")
 
 
@@ -231,11 +232,22 @@ def _checkpoint_config(path: str, config: str | None, overrides: list[str]) -> A
     return load_config(config or str(Path(path) / CONFIG_FILE), overrides)
 
 
+def _exists(path: str) -> bool:
+    from kd.models import resolve_path
+
+    return resolve_path(path).is_file()
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from kd.trainer import Trainer
 
     cfg = _checkpoint_config(args.checkpoint, args.config, args.overrides)
     cfg.checkpoint.resume = str(args.checkpoint)
+    if cfg.distill.teacher_cache:  # evaluation reads no teacher outputs: evaluate the teacher
+        cfg.distill.teacher_cache = None  # itself where its weights are here, else the student
+        teacher = cfg.teacher.checkpoint
+        if not (cfg.teacher.pretrained or (teacher and _exists(teacher))):
+            cfg.distill.loss = "none"
     with _process_group():
         trainer = Trainer(cfg)
         record = trainer.evaluate(epoch=round(trainer.step / trainer.steps_per_epoch))
@@ -366,9 +378,17 @@ def _yaml_mapping(text: str | None, option: str) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kd.bench import check_json_path, parse_image_sizes, print_table, run_bench, write_json
+    from kd.bench import (
+        check_json_path,
+        check_kd_overrides,
+        parse_image_sizes,
+        print_table,
+        run_bench,
+        write_json,
+    )
 
     check_json_path(args.json)
+    check_kd_overrides(args.set)
     result = run_bench(
         args.teacher, args.student, parse_image_sizes(args.image_size), args.batch,
         args.precision, args.steps, args.warmup, args.rounds, args.device, args.num_classes,

@@ -519,6 +519,10 @@ def validate(cfg: Any) -> None:
         _check(cfg.distill.loss != "none", "distill.loss", cfg.distill.loss,
                "distill.teacher_cache holds teacher outputs: choose soft, hard, token or dkd, "
                "or unset distill.teacher_cache")
+        _check(cfg.distill.require_teacher_top1 is None, "distill.require_teacher_top1",
+               cfg.distill.require_teacher_top1, "a run from distill.teacher_cache never builds "
+               "the teacher, so it cannot check it: check it with a short live run, and unset "
+               "this")
         _check(not cfg.data.stream, "data.stream", cfg.data.stream,
                "distill.teacher_cache looks its rows up by sample index; set data.stream=false")
     _check(cfg.distill.cache_top_k is None or cfg.distill.cache_top_k > 0,

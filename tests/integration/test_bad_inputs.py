@@ -402,10 +402,11 @@ def command(name: str, *options: str) -> Callable[[Env], list[str]]:
     return lambda env: [name, "-c", TINY, f"output_dir={env.out}", *options]
 
 
-def cache_teacher(*options: str, teacher: bool = True) -> Callable[[Env], list[str]]:
+def cache_teacher(*options: str, teacher: bool = True,
+                  overrides: tuple[str, ...] = ()) -> Callable[[Env], list[str]]:
     """``kd cache-teacher`` on the tiny preset into ``<tmp>/cache``."""
     return lambda env: ["cache-teacher", "-c", TINY, *(
-        [f"teacher.checkpoint={env.teacher}"] if teacher else []), "--out",
+        [f"teacher.checkpoint={env.teacher}"] if teacher else []), *overrides, "--out",
         str(env.tmp / "cache"), *options]
 
 
@@ -564,8 +565,15 @@ ROWS = [
     # kd plan and kd bench.
     row("plan-unknown-gpu", lambda env: ["plan", "--gpu", "v100"], "--gpu v100", "a100-40gb"),
     row("plan-no-nodes", lambda env: ["plan", "--gpu", "h100", "--nodes", "0"], "--nodes 0"),
-    row("bench-unknown-kd-key", lambda env: ["bench", "--set", "train.compil=true"],
-        "train.compil", "train.compile"),
+    row("bench-not-a-speed-option", lambda env: ["bench", "--set", "train.grad_accum_steps=2"],
+        "--set train.grad_accum_steps=2", "train.compile"),
+    row("cache-teacher-of-another-size", cache_teacher(overrides=("teacher.image_size=24",)),
+        "teacher.image_size", "patch"),
+    row("cache-teacher-cannot-take-the-images", cache_teacher(overrides=(
+        "data.image_size=24", "student.kwargs.img_size=24")), "teacher", "cannot take"),
+    row("cached-run-with-a-teacher-minimum", ("distill.teacher_cache={tmp}",
+                                             "distill.require_teacher_top1=0.5"),
+        "distill.require_teacher_top1", "never builds the teacher"),
     row("disk-full-writing-the-summary", full_at_summary, "summary.json", "No space left",
         "disk", writes=True, check=no_summary),
 ]

@@ -87,7 +87,8 @@ def test_kd_bench_cli_table_and_json(tmp_path: Path, capsys) -> None:
     (["--image-size", "abc"], "--image-size abc"),
     (["--student-kwargs", "[1, 2]"], "--student-kwargs"),
     (["--json", "/nonexistent/bench.json"], "--json /nonexistent/bench.json"),
-    (["--set", "train.compil=true"], "did you mean 'train.compile'"),
+    (["--set", "train.compil=true"], "--set train.compil=true"),
+    (["--set", "data.mixup=0.8"], "--set data.mixup=0.8"),
 ])
 def test_kd_bench_rejects_bad_options(args: list[str], mention: str, capsys) -> None:
     from kd.cli import main

@@ -14,6 +14,7 @@ import torch
 
 from kd.cache import CacheBuilder, build_cache, shard_name
 from kd.trainer import Trainer
+from tests.conftest import TINY
 from tests.integration.conftest import (
     assert_one_line_user_error,
     kd_cli,
@@ -256,3 +257,36 @@ def test_cache_teacher_command(tiny_teacher: str, tmp_path: Path) -> None:
     none = kd_cli("cache-teacher", "-c", TINY, "--out", str(tmp_path / "none"))
     assert_one_line_user_error(none, "needs a teacher")
     assert not (tmp_path / "none").exists()
+
+
+def test_the_cache_is_tied_to_the_teachers_weights(tiny_teacher: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(tiny_teacher, teacher)
+    make_cache(str(teacher), tmp_path / "cache")
+    # Retrained weights under the same file name: neither a resumed build nor training may mix
+    # them with the cached outputs.
+    weights = load_file(str(teacher))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(teacher))
+    cache = ("--out", str(tmp_path / "cache"))
+    resumed = kd_cli("cache-teacher", "-c", str(TINY), f"teacher.checkpoint={teacher}",
+                     "--epochs", "2", "--top-k", "4", *cache)
+    assert_one_line_user_error(resumed, "teacher.checkpoint sha256")
+    train = cli_train(str(teacher), tmp_path / "run", f"distill.teacher_cache={tmp_path}/cache")
+    assert_one_line_user_error(train, "teacher.checkpoint sha256")
+    # Where the teacher's file is not (the usual case for a cached run), nothing is compared.
+    teacher.unlink()
+    run = train_tiny(str(teacher), tmp_path / "away", f"distill.teacher_cache={tmp_path}/cache")
+    assert run.summary["steps"] == 16
+
+
+def test_eval_of_a_cached_run_needs_no_cache(tiny_teacher: str, tmp_path: Path) -> None:
+    make_cache(tiny_teacher, tmp_path / "cache")
+    run = train_tiny(tiny_teacher, tmp_path / "run", f"distill.teacher_cache={tmp_path}/cache")
+    shutil.rmtree(tmp_path / "cache")
+    result = kd_cli("eval", "--checkpoint", str(run.checkpoint(16)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((run.dir / "eval.json").read_text())
+    assert record["student_top1"] == pytest.approx(run.summary["student_top1"])
+    assert record["teacher_top1"] is not None  # the teacher's weights are here: evaluated too

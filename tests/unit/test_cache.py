@@ -90,3 +90,14 @@ def test_with_mixing_the_batches_are_the_training_batches() -> None:
         sampler = TrainBatchSampler(50, 8, seed=1, rank=rank, world_size=2)
         sampler.set_epoch(4)
         assert rank_batches(50, 8, 1, 4, rank, 2, mixing=True) == list(sampler)
+
+
+def test_teacher_hash_covers_every_tensor_including_0_dim_ones() -> None:
+    from kd.cache import teacher_hash
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    first = teacher_hash(model)  # BatchNorm's num_batches_tracked is 0-dim
+    assert len(first) == 64 and teacher_hash(model) == first
+    model[1].num_batches_tracked += 1
+    assert teacher_hash(model) != first
