@@ -10,6 +10,7 @@ import torch
 
 from kd.config import load_config
 from kd.models import build_student
+from kd.trainer import resolve_precision
 from tests.conftest import TINY
 from tests.integration.conftest import (
     Run,
@@ -106,7 +107,8 @@ def test_dkd_warmup_ramps_the_kd_term(tiny_run) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "auto", "bf16", "fp16"])
 def test_precision(tiny_run, baseline: Run, precision: str) -> None:
     run = tiny_run(precision, f"train.precision={precision}")
-    resolved = "fp32" if precision == "auto" else precision  # auto on CPU: fp32
+    # auto on CPU: bf16 where the CPU has AMX, else fp32 (tests/unit/test_precision.py)
+    resolved = resolve_precision(precision, torch.device("cpu"))
     assert run.summary["precision"] == resolved
     assert run.summary["steps"] == STEPS
     train = run.train_records
