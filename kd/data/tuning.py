@@ -133,7 +133,8 @@ def _busy_percent(before: list[Any], after: list[Any], cpus: Sequence[int]) -> f
         t = sum(b) - sum(a)
         idle = (b.idle - a.idle) + (getattr(b, "iowait", 0.0) - getattr(a, "iowait", 0.0))
         busy, total = busy + t - idle, total + t
-    return 100.0 * busy / total if total > 0 else 0.0
+    # Clamped: over a few milliseconds the counters' float differences can fall just outside.
+    return min(100.0, max(0.0, 100.0 * busy / total)) if total > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -251,7 +252,7 @@ def measure_throughput(make_loader: LoaderFactory, workers: int, prefetch_factor
     used = sum(proc_after[pid] - proc_before[pid] for pid in proc_after if pid in proc_before)
     return Measurement(workers, prefetch_factor if workers > 0 else None,
                        images / elapsed if elapsed > 0 else 0.0, cpu, 1000 * waited / n, n,
-                       images // n, elapsed, used / elapsed if elapsed > 0 else 0.0)
+                       images // n, elapsed, max(0.0, used / elapsed) if elapsed > 0 else 0.0)
 
 
 # ---------------------------------------------------------------------------------- choice
