@@ -318,11 +318,10 @@ def memory_per_gpu(m: ModelMeasurement, setup: TrainingSetup, world_size: int, s
     rows = {
         "student_weights": float(m.student_bytes),
         "gradients": m.gradient_bytes / world_size if shard_grads else float(m.gradient_bytes),
-        # DDP copies gradients into its all-reduce buckets unless gradient_as_bucket_view=True,
-        # which "can reduce peak memory usage, where the saved memory size will be equal to the
-        # total gradients size": https://pytorch.org/docs/stable/generated/torch.nn.parallel.DistributedDataParallel.html
-        "ddp_buckets": float(m.gradient_bytes) if setup.strategy == "ddp" and world_size > 1
-        else 0.0,
+        # No bucket copy: kd's DDP keeps gradients as views into its all-reduce buckets
+        # (gradient_as_bucket_view=True, which "can reduce peak memory usage, where the saved
+        # memory size will be equal to the total gradients size":
+        # https://pytorch.org/docs/stable/generated/torch.nn.parallel.DistributedDataParallel.html)
         "optimizer_state": optimizer_state_bytes(m.trainable_params, m.optimizer_bytes_per_param,
                                                  world_size, sharded),
         "teacher_weights": float(m.teacher_bytes),
@@ -432,8 +431,8 @@ def assumptions(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup, mat
         f"cuBLAS workspaces and NCCL buffers",
     ]
     if setup.strategy == "ddp" and world > 1:
-        out.append("DDP keeps gradient-sized all-reduce buckets beside the gradients "
-                   "(gradient_as_bucket_view=False, PyTorch's default)")
+        out.append("DDP: the gradients are views into its all-reduce buckets (kd sets "
+                   "gradient_as_bucket_view=True), so there is no second gradient-sized copy")
     if world > 1:
         out.append(f"ZeRO: optimizer state split evenly over {world} ranks "
                    "(ZeroRedundancyOptimizer assigns whole tensors, so ranks differ a little)"
@@ -750,7 +749,6 @@ def print_plan(plan: dict[str, Any], console: Any = None) -> None:
     rows = [
         ("student weights", "student_weights", f"{m['student_params'] / 1e6:,.2f} M params, fp32"),
         ("gradients", "gradients", f"fp32, {m['trainable_params'] / 1e6:,.2f} M trainable"),
-        ("DDP all-reduce buckets", "ddp_buckets", "a copy of the gradients"),
         ("optimizer state", "optimizer_state", f"{m['optimizer']}: {bpp:.2f} B/param"
          + (f" ({bpp / 4:.3g} fp32 tensors)" if bpp else "")),
         ("teacher weights", "teacher_weights",

@@ -103,15 +103,15 @@ def test_plan_by_hand() -> None:
     plain, zero = plan["memory"]["without_zero"], plan["memory"]["with_zero"]
     assert plain["student_weights"] == zero["student_weights"] == 4 * p
     assert plain["gradients"] == zero["gradients"] == 4 * p  # ZeRO-1 keeps full gradients
-    assert plain["ddp_buckets"] == 4 * p
+    assert "ddp_buckets" not in plain  # gradients are views into DDP's buckets
     assert plain["optimizer_state"] == 8 * p and zero["optimizer_state"] == 8 * p / 32
     assert plain["teacher_weights"] == 16 * p
-    assert plain["static"] == (4 + 4 + 4 + 8 + 16) * p
+    assert plain["static"] == (4 + 4 + 8 + 16) * p
     budget = GPUS["a100-40gb"].memory_bytes * 0.9 - CUDA_RESERVE_BYTES
     assert plain["usable"] == pytest.approx(budget)
-    assert plain["largest_batch"] == math.floor((budget - 36 * p) / (10 * 1024**2))
-    assert zero["largest_batch"] == math.floor((budget - (28 + 8 / 32) * p) / (10 * 1024**2))
-    assert plain["needed_at_batch"] == 36 * p + 64 * 10 * 1024**2 and plain["fits_at_batch"]
+    assert plain["largest_batch"] == math.floor((budget - 32 * p) / (10 * 1024**2))
+    assert zero["largest_batch"] == math.floor((budget - (24 + 8 / 32) * p) / (10 * 1024**2))
+    assert plain["needed_at_batch"] == 32 * p + 64 * 10 * 1024**2 and plain["fits_at_batch"]
     assert plan["setup"]["memory_column"] == "without_zero"  # optim.zero is off
 
     t = plan["time"]["at_batch_size"]
@@ -136,10 +136,8 @@ def test_zero_and_deepspeed_columns() -> None:
         batch_size=8, strategy="deepspeed", zero=True, zero_stage=2))
     assert ds2["setup"]["zero_label"] == "ZeRO-2"
     assert ds2["memory"]["with_zero"]["gradients"] == 4 * p / 8
-    assert ds2["memory"]["with_zero"]["ddp_buckets"] == 0
     one = build_plan(measurement(p), resolve_cluster("h100", gpus_per_node=1),
                      TrainingSetup(batch_size=8))
-    assert one["memory"]["without_zero"]["ddp_buckets"] == 0  # no DDP in one process
     assert one["time"]["at_batch_size"]["comm_s"] == 0
 
 
