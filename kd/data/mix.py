@@ -1,4 +1,4 @@
-"""Mixup / CutMix on the device, reproducible from (seed, step).
+"""Mixup / CutMix on the device, reproducible from (seed, rank, epoch, batch).
 
 timm's :class:`~timm.data.Mixup` draws its parameters from NumPy's global generator; kd seeds
 that generator from the run seed, the rank, the epoch and the batch's position in that epoch
