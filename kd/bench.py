@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import UserError, output_error
+from kd.trainer import autocast
 
 log = logging.getLogger("kd")
 
@@ -64,7 +65,6 @@ LOOPS = ("plain", "kd", "timm")
 LOOP_TITLES = {"plain": "plain PyTorch loop", "kd": "kd Trainer.train_step",
                "timm": "timm LogitDistillationTask"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -136,13 +136,6 @@ def _norm_stats(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, t
     return mean, std
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    dtype = AUTOCAST_DTYPES.get(precision)
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -156,6 +149,19 @@ def plain_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     kl = F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
                   reduction="batchmean", log_target=True)
     return (1 - alpha) * F.cross_entropy(s, targets) + alpha * temperature**2 * kl
+
+
+def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler | None) -> None:
+    """Backward, optimizer step (through the fp16 scaler when there is one), zero the grads."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def make_plain_step(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
@@ -172,19 +178,12 @@ def make_plain_step(student: nn.Module, teacher: nn.Module, images: torch.Tensor
     def step() -> None:
         x = (images - mean) / std
         x_teacher = x if same_norm else (images - t_mean) / t_std
-        with _autocast(device, precision):
+        with autocast(device, precision):
             with torch.no_grad():
                 teacher_logits = teacher(x_teacher)
             student_logits = student(x)
         loss = plain_kd_loss(student_logits, teacher_logits, targets, temperature, alpha)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(loss, optimizer, scaler)
 
     return step, kind
 
@@ -211,16 +210,9 @@ def make_timm_step(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
 
     def step() -> None:
         x = (images - mean) / std
-        with _autocast(device, precision):
+        with autocast(device, precision):
             loss = task(x, targets)["loss"]
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(loss, optimizer, scaler)
 
     return step
 

@@ -332,7 +332,7 @@ class CacheBuilder:
         from kd.data.mix import build_mixup
         from kd.dist import init_distributed
         from kd.models import build_teacher, teacher_dtype
-        from kd.trainer import DTYPES, resolve_precision
+        from kd.trainer import check_model_input, resolve_precision
 
         self.cfg, self.epochs, self.out = cfg, epochs, out
         dc = cfg.data
@@ -350,36 +350,18 @@ class CacheBuilder:
         if self.teacher is None:
             raise ConfigError("kd cache-teacher needs a teacher: set teacher.checkpoint or "
                               "teacher.pretrained=true")
+        # A teacher that cannot take the data fails here, before anything is written.
+        check_model_input(cfg, "teacher", self.teacher.model, self.teacher.norm,
+                          self.train_set[0][0][None])
         self.teacher.to(self.device)
         transfer = dc.transfer_set != "none"  # unlabelled images mix as an extra class
         self.mixup = build_mixup(dc, dc.num_classes + 1 if transfer else dc.num_classes, 0.0)
         self.transfer = transfer
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.autocast_dtype = DTYPES.get(self.precision)
         # The teacher as a live run holds it, so that cached and live logits agree.
         self.teacher.cast(teacher_dtype(cfg.teacher.dtype, self.precision))
-        self.check_teacher_input()
         self.fields = cache_fields(cfg, self.channels, len(self.train_set), self.dist.world_size)
         self.fields["teacher.checkpoint sha256"] = checkpoint_sha256(cfg)
-
-    def check_teacher_input(self) -> None:
-        """One sample through the teacher, before anything is written: a teacher that cannot
-        take the data is a config error naming the key, as in training."""
-        from kd.models import check_patch_grid
-
-        size = self.cfg.teacher.image_size
-        check_patch_grid(self.teacher.model, size or self.cfg.data.image_size, "teacher",
-                         "teacher.image_size" if size else "data.image_size")
-        image = self.train_set[0][0][None].to(self.device)
-        try:
-            with self._autocast():
-                self.teacher(teacher_input(self.teacher, image, size))
-        except Exception as e:  # shape errors surface as many exception types
-            msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
-            raise ConfigError(f"teacher.kwargs: teacher {self.cfg.teacher.name} cannot take the "
-                              f"training images (data.image_size={self.cfg.data.image_size}, "
-                              f"teacher.image_size={size}): {msg}; set teacher.image_size to the "
-                              f"size it was trained at") from None
 
     # -- the plan and its resumption
     def plan(self) -> dict[str, Any]:
@@ -450,6 +432,7 @@ class CacheBuilder:
 
         from kd.data.datasets import UNLABELLED, WithIndex, collate
         from kd.data.mix import apply_mixup, mix_seed
+        from kd.task import teacher_input
 
         dc = self.cfg.data
         keys = rank_batches(len(self.train_set), dc.batch_size, self.cfg.seed, epoch,
@@ -497,11 +480,9 @@ class CacheBuilder:
         return record
 
     def _autocast(self) -> Any:
-        import contextlib
+        from kd.trainer import autocast
 
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.precision)
 
     def write_manifest(self, build_s: float) -> dict[str, Any]:
         """Rank 0, after every rank finished: the manifest that makes the cache usable."""
@@ -542,16 +523,6 @@ class CacheBuilder:
                 seed=self.cfg.seed, prefetch_factor=dc.prefetch_factor,
                 pin_memory=self.device.type == "cuda")
         return self._num_workers
-
-
-def teacher_input(teacher: Any, images: torch.Tensor, image_size: int | None) -> torch.Tensor:
-    """A raw (augmented, mixed) batch normalised for the teacher, resized to its image size."""
-    from kd.task import resize
-
-    x = teacher.norm(images)
-    if image_size and image_size != x.shape[-1]:
-        x = resize(x, image_size)
-    return x
 
 
 def build_cache(cfg: Any, epochs: int, top_k: int, out: str | Path) -> dict[str, Any] | None:
@@ -603,7 +574,7 @@ def human_size(n: float) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
-    return f"{n} B"
+    raise AssertionError("unreachable: the loop returns at TB")
 
 
 def remove_temporaries(out: Path) -> None:

@@ -48,6 +48,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd.errors import UserError, output_error
+from kd.trainer import DTYPES, autocast
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3
@@ -63,7 +64,6 @@ CUDA_RESERVE_BYTES = 1 * GiB
 DEFAULT_MFU = 0.4
 # Batches at which activation memory is measured: two points give slope and intercept.
 MEASURE_BATCHES = (2, 4)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------ hardware
@@ -406,7 +406,7 @@ def assumptions(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup, mat
         f"precision {setup.precision}: "
         + ("autocast keeps weights, gradients and optimizer state in fp32 (no separate master "
            "copy); the low-precision weight casts live only during a step and are in the fixed "
-           "activation overhead" if setup.precision in AUTOCAST_DTYPES else
+           "activation overhead" if setup.precision in DTYPES else
            "everything in fp32"),
         f"compute: {mfu:.0%} of the {cluster.gpu.key}'s dense {matmul} peak "
         f"({peak / 1e12:,.4g} TFLOP/s) for the FLOPs torch.utils.flop_counter counts (matrix "
@@ -582,13 +582,12 @@ def activation_peak(built: PlanModels, cfg: Any, batch: int, device: torch.devic
         before += [*teacher.parameters(), *teacher.buffers()]
     channels = cfg.student.kwargs.get("in_chans", 3)
     side, classes = cfg.data.image_size, cfg.data.num_classes
-    dtype = AUTOCAST_DTYPES.get(precision)
     with LiveTensorBytes(exclude=before) as live:
         images = torch.randint(0, 256, (batch, channels, side, side), dtype=torch.uint8,
                                device=device)
         targets = torch.randint(0, classes, (batch,), device=device)
         x_student, x_teacher = task.prepare(images)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, precision):
             teacher_logits = task.teacher_forward(x_teacher)
             if built.cached and task.uses_teacher:  # logits rebuilt from the cache's top-K
                 teacher_logits = torch.randn(batch, classes, device=device)

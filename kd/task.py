@@ -41,6 +41,17 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=size < x.shape[-1])
 
 
+def teacher_input(teacher: FrozenTeacher, images: torch.Tensor, image_size: int | None,
+                  normalised: torch.Tensor | None = None) -> torch.Tensor:
+    """A raw (augmented, mixed) batch normalised for the teacher and resized to its
+    ``image_size``; ``normalised`` is the batch already normalised with the teacher's statistics
+    (the student's, when they are the same), which saves normalising it again."""
+    x = normalised if normalised is not None else teacher.norm(images)
+    if image_size and image_size != x.shape[-1]:
+        x = resize(x, image_size)
+    return x
+
+
 class DistillationTask:
     """Owns forward passes and loss terms for one student/teacher pair.
 
@@ -95,10 +106,8 @@ class DistillationTask:
 
     def _teacher_input(self, images: torch.Tensor, x_student: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None
-        x = x_student if self.share_input else self.teacher.norm(images)
-        if self.teacher_image_size and self.teacher_image_size != x.shape[-1]:
-            x = resize(x, self.teacher_image_size)
-        return x
+        return teacher_input(self.teacher, images, self.teacher_image_size,
+                             x_student if self.share_input else None)
 
     def teacher_forward(self, x_teacher: torch.Tensor | None) -> torch.Tensor | None:
         """Teacher logits without autograd (None when training on labels only)."""

@@ -96,6 +96,40 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_amx_bf16() else "fp32"
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for a resolved precision: a bf16 or fp16 region, or nothing for fp32."""
+    dtype = DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_model_input(cfg: Any, section: str, model: nn.Module, norm: Any,
+                      image: torch.Tensor) -> None:
+    """One training image (a (1, C, H, W) raw batch) through ``model`` (``section``: student or
+    teacher, on the CPU in fp32); a model that cannot take it is a ConfigError naming the key."""
+    teacher_size = cfg.teacher.image_size if section == "teacher" else None
+    check_patch_grid(model, teacher_size or cfg.data.image_size, section,
+                     "teacher.image_size" if teacher_size else "data.image_size")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            x = norm(image)
+            if teacher_size:
+                x = resize(x, teacher_size)
+            model.eval()(x)
+    except Exception as e:  # shape errors surface as many exception types
+        msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        hint = "; set teacher.image_size to the size it was trained at" \
+            if section == "teacher" else ""
+        raise ConfigError(
+            f"{section}.kwargs: {section} {getattr(cfg, section).name} cannot take "
+            f"{tuple(x.shape)} images (data.image_size={cfg.data.image_size}): "
+            f"{msg}{hint}") from None
+    finally:
+        model.train(was_training)
+
+
 class PhaseTimer:
     """Per-phase seconds, accumulated between log steps without host synchronisation.
 
@@ -165,7 +199,6 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.dist, tc.device)
         self.device = self.dist.device
         self.precision = resolve_precision(tc.precision, self.device)
-        self.autocast_dtype = DTYPES.get(self.precision)
         # 2. Data.
         self._build_data(cfg.data, cfg.student.kwargs.get("in_chans", 3))
         # 3. Models: the same seed on every rank gives the same student initialisation.
@@ -260,32 +293,9 @@ class Trainer:
     def _check_models(self, student: nn.Module, teacher: Any) -> None:
         """Fail before training, with the config key to fix, if a model cannot take the data."""
         image = self.train_set[0][0][None]
-        teacher_size = self.cfg.teacher.image_size
-        for section, model, norm in (("student", student, self.student_norm),
-                                     ("teacher", teacher.model if teacher else None,
-                                      teacher.norm if teacher else None)):
-            if model is None:
-                continue
-            own_size = section == "teacher" and bool(teacher_size)
-            check_patch_grid(model, teacher_size if own_size else self.cfg.data.image_size,
-                             section, "teacher.image_size" if own_size else "data.image_size")
-            was_training = model.training
-            try:
-                with torch.no_grad():
-                    x = norm(image)
-                    if section == "teacher" and teacher_size:
-                        x = resize(x, teacher_size)
-                    model.eval()(x)
-            except Exception as e:  # shape errors surface as many exception types
-                msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
-                hint = ("; set teacher.image_size to the size it was trained at"
-                        if section == "teacher" else "")
-                raise ConfigError(
-                    f"{section}.kwargs: {section} {getattr(self.cfg, section).name} cannot take "
-                    f"{tuple(x.shape)} images (data.image_size={self.cfg.data.image_size}): "
-                    f"{msg}{hint}") from None
-            finally:
-                model.train(was_training)
+        check_model_input(self.cfg, "student", student, self.student_norm, image)
+        if teacher is not None:
+            check_model_input(self.cfg, "teacher", teacher.model, teacher.norm, image)
 
     def _speed_up_models(self, cfg: Any) -> None:
         """The teacher's weights in the training dtype (``teacher.dtype``); ``train.compile``
@@ -555,9 +565,7 @@ class Trainer:
         return skipped, norm
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.precision)
 
     def _train_record(self, sums: torch.Tensor, steps: int, elapsed: float,
                       images_per_step: int) -> dict[str, Any]:
