@@ -36,16 +36,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import logging
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.errors import UserError, output_error
+from kd.errors import ConfigError, UserError, output_error
 from kd.trainer import autocast
 
 log = logging.getLogger("kd")
@@ -112,6 +114,8 @@ def model_kwargs(name: str, image_size: int, kwargs: dict[str, Any] | None) -> d
         return kwargs
     except RuntimeError as e:  # an unknown model name
         raise UserError(f"cannot build timm model '{name}': {str(e).splitlines()[0]}") from None
+    except (AssertionError, ValueError):  # bad arguments: building the model says which
+        pass
     return {**kwargs, "img_size": image_size}
 
 
@@ -217,6 +221,24 @@ def make_timm_step(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     return step
 
 
+# The config keys kd bench sets from its own options, as its errors name them.
+BENCH_OPTIONS = {"student.kwargs": "--student-kwargs", "teacher.kwargs": "--teacher-kwargs",
+                 "student.name": "--student", "teacher.name": "--teacher",
+                 "data.image_size": "--image-size", "data.num_classes": "--num-classes"}
+
+
+@contextlib.contextmanager
+def bench_options() -> Iterator[None]:
+    """A ConfigError about a model raised inside names the ``kd bench`` option that set it."""
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        for key, option in BENCH_OPTIONS.items():
+            message = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w])", option, message)
+        raise ConfigError(message) from None
+
+
 def build_trainer(teacher: str, student: str, image_size: int, batch: int, precision: str,
                   total_steps: int, device: str, num_classes: int, workdir: Path,
                   teacher_kwargs: dict[str, Any] | None = None,
@@ -230,16 +252,16 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
     Trainer's device: kd's own copy may be cast (``teacher.dtype``), and that choice is part of
     what is measured. The data is the synthetic dataset, without loader workers.
     """
-    import timm
-
     from kd.checkpoint import save_weights
     from kd.config import load_config
+    from kd.models import create_timm_model
     from kd.trainer import Trainer
 
     t_kwargs = model_kwargs(teacher, image_size, teacher_kwargs)
     s_kwargs = model_kwargs(student, image_size, student_kwargs)
     torch.manual_seed(seed + 1)
-    model = timm.create_model(teacher, pretrained=False, num_classes=num_classes, **t_kwargs)
+    with bench_options():
+        model = create_timm_model(teacher, "teacher", num_classes=num_classes, **t_kwargs)
     weights = workdir / "teacher.safetensors"
     save_weights(weights, model.state_dict(), {"name": teacher})
     overrides = {
@@ -257,7 +279,8 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
     # ``kd_overrides`` (``--set``) go last: kd options under test, e.g. train.compile=true.
     cfg = load_config(None, [*(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
                              *kd_overrides])
-    trainer = Trainer(cfg)
+    with bench_options():  # the Trainer checks that both models take the images
+        trainer = Trainer(cfg)
     return trainer, model.to(trainer.device).eval().requires_grad_(False)
 
 

@@ -331,8 +331,8 @@ class CacheBuilder:
         from kd.data.datasets import build_split
         from kd.data.mix import build_mixup
         from kd.dist import init_distributed
-        from kd.models import build_teacher, teacher_dtype
-        from kd.trainer import check_model_input, resolve_precision
+        from kd.models import build_teacher, check_model_input, teacher_dtype
+        from kd.trainer import resolve_precision
 
         self.cfg, self.epochs, self.out = cfg, epochs, out
         dc = cfg.data
@@ -351,8 +351,9 @@ class CacheBuilder:
             raise ConfigError("kd cache-teacher needs a teacher: set teacher.checkpoint or "
                               "teacher.pretrained=true")
         # A teacher that cannot take the data fails here, before anything is written.
-        check_model_input(cfg, "teacher", self.teacher.model, self.teacher.norm,
-                          self.train_set[0][0][None])
+        check_model_input(self.teacher.model, self.teacher.norm, self.train_set[0][0][None],
+                          section="teacher", name=cfg.teacher.name, image_size=dc.image_size,
+                          teacher_image_size=cfg.teacher.image_size, grey_to_rgb=dc.grey_to_rgb)
         self.teacher.to(self.device)
         transfer = dc.transfer_set != "none"  # unlabelled images mix as an extra class
         self.mixup = build_mixup(dc, dc.num_classes + 1 if transfer else dc.num_classes, 0.0)

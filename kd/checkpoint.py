@@ -282,6 +282,49 @@ def verify(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def find_checkpoint(path: str | Path, best: bool = False) -> Path:
+    """The checkpoint directory a user means by ``path`` (``kd eval``/``kd export --checkpoint``).
+
+    ``path`` is a ``checkpoints/step_*`` directory (used as it is), a run's ``checkpoints/``
+    folder, or the run directory holding it. In the last two cases the newest checkpoint that
+    passes its checks (as resuming picks it), or with ``best`` the one ``best.json`` names (the
+    best student top-1 so far).
+
+    Raises:
+        CheckpointError: anything else, or a folder with no usable checkpoint; the message says
+            what to pass.
+    """
+    path = Path(path)
+    usage = "pass a run directory, its checkpoints/ folder or a checkpoints/step_* directory"
+    if (path / MANIFEST_FILE).is_file() or path.name.startswith(_PREFIX):
+        if best:
+            raise CheckpointError(f"--best picks among a run's checkpoints, but {path} is one "
+                                  f"checkpoint; pass its run directory with --best, or drop "
+                                  f"--best")
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path} is not a kd checkpoint: not found; {usage}")
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    manager = CheckpointManager(directory, keep=1)
+    found = manager.list()
+    if not path.is_dir() or not found:
+        hint = " (with --best for the best one)" if path.name == BEST_FILE else ""
+        raise CheckpointError(f"{path} is not a kd checkpoint (no {MANIFEST_FILE}) nor a run "
+                              f"with complete checkpoints; {usage}{hint}")
+    if best:
+        record = manager.best()
+        if record is None:
+            raise CheckpointError(f"--best: {directory} has no {BEST_FILE} naming a checkpoint "
+                                  f"still on disk (it is written when the run evaluates); pass "
+                                  f"a checkpoint directory instead")
+        return directory / record["checkpoint"]
+    chosen = manager.latest()
+    if chosen is None:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {directory} passes its "
+                              f"checks; pass a checkpoints/step_* directory to see why")
+    return chosen
+
+
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e).strip() else "unreadable"
 

@@ -2,8 +2,8 @@
 
     kd train  [-c preset.yaml] [key=value ...]     distil (no arguments: the digits demo)
     kd config [-c preset.yaml] [key=value ...]     print the resolved config
-    kd eval   --checkpoint DIR [-c ...] [k=v ...]  evaluate a checkpoint
-    kd export --checkpoint DIR --out DIR           student as timm-loadable safetensors
+    kd eval   --checkpoint DIR [--best] [-c ...] [k=v ...]  evaluate a run's checkpoint
+    kd export --checkpoint DIR [--best] --out DIR  student as timm-loadable safetensors
     kd tune-loader [-c preset.yaml] [key=value ...] data-loader workers sweep and advice
     kd profile [-c preset.yaml] [key=value ...]    profile a short run; report what to fix
     kd compare [-c preset.yaml] [k=v ...] --seeds K labels only vs distillation, same budget
@@ -32,9 +32,19 @@ log = logging.getLogger("kd")
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML preset (only what differs from the defaults); "
-                   "without it, the embedded digits demo (kd://presets/demo.yaml)")
+                   "without it, the embedded digits demo (kd://presets/demo.yaml), unless the "
+                   "overrides set data.name, student.name or teacher.name to another value "
+                   "than the demo's: then the schema defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=3 distill.temperature=2")
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a run directory or its checkpoints/ folder (the newest checkpoint that "
+                   "passes its checks), or one checkpoints/step_* directory")
+    p.add_argument("--best", action="store_true", help="with a run directory: the checkpoint "
+                   "with the best student top-1 (checkpoints/best.json) instead of the newest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the configuration reference (Markdown) instead")
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="a checkpoints/step_* directory")
+    _add_checkpoint_args(p)
     p.add_argument("--out", help="metrics JSON to write (default: <run>/eval.json)")
     p = sub.add_parser("export", help="write the student as timm-loadable safetensors")
-    p.add_argument("--checkpoint", required=True, help="a checkpoints/step_* directory")
+    _add_checkpoint_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p = sub.add_parser("profile", help="profile a short training run and write a report "
                        "(traces, report.md, report.html)")
@@ -170,6 +180,16 @@ def _process_group() -> Iterator[None]:
     cleanup()
 
 
+def _load_config(args: argparse.Namespace) -> Any:
+    """The config of a command taking ``[-c preset] [key=value ...]``
+    (:func:`kd.config.load_command_config`); remembers where the values the user did not name
+    came from, so that :func:`main` can say so in an error about one of them."""
+    from kd.config import load_command_config
+
+    cfg, args.origins = load_command_config(args.config, args.overrides)
+    return cfg
+
+
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -202,10 +222,9 @@ def _print_results(summary: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kd.config import DEMO_PRESET, load_config
     from kd.trainer import Trainer
 
-    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    cfg = _load_config(args)
     with _process_group():
         trainer = Trainer(cfg)
         summary = trainer.train()
@@ -215,12 +234,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from kd.config import DEMO_PRESET, load_config, reference_markdown, to_yaml
+    from kd.config import reference_markdown, to_yaml
 
     if args.reference:
         print(reference_markdown(), end="")
         return 0
-    print(to_yaml(load_config(args.config or DEMO_PRESET, args.overrides)), end="")
+    print(to_yaml(_load_config(args)), end="")
     return 0
 
 
@@ -238,11 +257,23 @@ def _exists(path: str) -> bool:
     return resolve_path(path).is_file()
 
 
+def _find_checkpoint(args: argparse.Namespace) -> Path:
+    """``--checkpoint`` (and ``--best``) resolved to one checkpoint directory, logged."""
+    from kd.checkpoint import find_checkpoint
+
+    path = find_checkpoint(args.checkpoint, best=args.best)
+    if path != Path(args.checkpoint):
+        log.info("checkpoint: %s (%s in %s)", path, "the best" if args.best else "the newest",
+                 args.checkpoint)
+    return path
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from kd.trainer import Trainer
 
-    cfg = _checkpoint_config(args.checkpoint, args.config, args.overrides)
-    cfg.checkpoint.resume = str(args.checkpoint)
+    checkpoint = _find_checkpoint(args)
+    cfg = _checkpoint_config(str(checkpoint), args.config, args.overrides)
+    cfg.checkpoint.resume = str(checkpoint)
     if cfg.distill.teacher_cache:  # evaluation reads no teacher outputs: evaluate the teacher
         cfg.distill.teacher_cache = None  # itself where its weights are here, else the student
         teacher = cfg.teacher.checkpoint
@@ -252,9 +283,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
         record = trainer.evaluate(epoch=round(trainer.step / trainer.steps_per_epoch))
     if trainer.dist.is_main:
-        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / \
-            "eval.json"
-        result = {**record, "checkpoint": str(args.checkpoint)}
+        out = Path(args.out) if args.out else checkpoint.resolve().parent.parent / "eval.json"
+        result = {**record, "checkpoint": str(checkpoint)}
         from kd.checkpoint import atomic_write_text
 
         try:
@@ -268,13 +298,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from kd.export import export_student
 
-    out = export_student(args.checkpoint, args.out)
+    out = export_student(_find_checkpoint(args), args.out)
     print(f"exported the student to {out}")
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from kd.config import DEMO_PRESET, load_config
     from kd.profiler import ProfileSettings, run_profile
     from kd.report import pct_fine
     from kd.trainer import Trainer
@@ -282,7 +311,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = ProfileSettings(wait=args.wait, warmup=args.warmup, active=args.active,
                                top=args.top, external=args.external_profiler)
     settings.validate()  # before the models are built
-    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    cfg = _load_config(args)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "profile"
     cfg.output_dir = str(out)  # the profile's config and metrics records go beside its report
     with _process_group():
@@ -313,10 +342,9 @@ def _one_line(error: UserError) -> str:
 def cmd_tune_loader(args: argparse.Namespace) -> int:
     import torch
 
-    from kd.config import DEMO_PRESET, load_config
     from kd.data.tuning import run_tune_loader
 
-    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    cfg = _load_config(args)
     try:
         prefetch = [int(p) for p in args.prefetch.split(",") if p.strip()]
     except ValueError:
@@ -333,11 +361,10 @@ def cmd_tune_loader(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from kd.compare import print_table, run_compare
-    from kd.config import DEMO_PRESET, load_config
 
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
-    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    cfg = _load_config(args)
     out = Path(args.out or Path(cfg.output_dir) / "compare")
     with _process_group():
         report = run_compare(cfg, args.seeds, out)
@@ -349,9 +376,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from kd.cache import build_cache, human_size
-    from kd.config import DEMO_PRESET, load_config
 
-    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    cfg = _load_config(args)
     top_k = args.top_k if args.top_k is not None else (
         cfg.distill.cache_top_k or min(10, cfg.data.num_classes))
     epochs = args.epochs if args.epochs is not None else cfg.train.epochs
@@ -402,12 +428,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kd.config import DEMO_PRESET, load_config
     from kd.plan import print_plan, resolve_cluster, run_plan, write_json
 
     cluster = resolve_cluster(args.gpu, args.instance, args.nodes, args.gpus_per_node,
                               args.network_gbps)  # before the models are built
-    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    cfg = _load_config(args)
     plan = run_plan(cfg, cluster, args.mfu)
     print_plan(plan)
     if args.json:
@@ -431,7 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"kd: error: {_one_line(e)}", file=sys.stderr)
+        message = _one_line(e)
+        origins = getattr(args, "origins", None)
+        if origins is not None and origins.source not in message:
+            message += origins.explain(message)
+        print(f"kd: error: {message}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
         if e.errno not in OUTPUT_ERRNOS:  # anything else may be a bug in kd: keep the traceback

@@ -7,8 +7,10 @@ the two in sync.
 Merge order: schema defaults ← ``-c preset.yaml`` (only what differs) ← dotted CLI overrides
 (``train.epochs=3 distill.temperature=2``). A preset may start from another with
 ``_base_: other.yaml`` (relative to the preset, or ``kd://`` inside the package). The schema's
-defaults suit an ImageNet-style job; the ``kd`` command uses the embedded digits demo preset
-(:data:`DEMO_PRESET`) when no ``-c`` is given.
+defaults suit an ImageNet-style job. A ``kd`` command without ``-c`` starts from the embedded
+digits demo preset (:data:`DEMO_PRESET`), unless its overrides name another dataset or model
+(:data:`DEMO_SWITCH_KEYS`): then from the schema defaults (:func:`load_command_config`), and an
+error about a value the user did not type says where it came from (:class:`ConfigOrigins`).
 
 Example:
     >>> from kd.config import load_config
@@ -21,6 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +34,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, UserError
 
+log = logging.getLogger("kd")
 
 def _field(default: Any, doc: str) -> Any:
     """A dataclass field with its documentation; mutable defaults get a factory."""
@@ -40,6 +46,9 @@ def _field(default: Any, doc: str) -> Any:
 
 
 DEMO_PRESET = "kd://presets/demo.yaml"
+# Without -c, an override of one of these to a value other than the demo's describes a run that
+# is not the demo: it starts from the schema defaults (see load_command_config).
+DEMO_SWITCH_KEYS = ("data.name", "student.name", "teacher.name")
 
 
 @dataclass
@@ -66,6 +75,15 @@ class TeacherConfig:
         "Teacher weights: a local `.safetensors` or `.pt`/`.pth` state dict (loaded with "
         "`weights_only=True`). `kd://` paths point inside the installed package.",
     )
+    checkpoint_key: str | None = _field(
+        None, "The entry of a training checkpoint that holds the weights: null takes the plain "
+        "weights (`state_dict`, as timm's train.py and PyTorch Lightning write them, else "
+        "`model` or `module`, else the file itself); `state_dict_ema` for timm's EMA weights, "
+        "or any other entry.")
+    checkpoint_prefix: str | None = _field(
+        None, "A prefix to strip from every weight name (e.g. `model.` of a Lightning module); "
+        "null: the one prefix under which the names match the model's (none, DDP's `module.`, "
+        "Lightning's `model.`, ...), logged; two that fit stop the run, naming both.")
     pretrained: bool = _field(
         False, "Load timm / Hugging Face hub weights (network). Its classifier must already "
         "have `data.num_classes` outputs: kd never re-initialises a teacher head.")
@@ -151,6 +169,11 @@ class DataConfig:
                                       "are on.")
     mixup_mode: str = _field("batch", "Mix parameters per `batch`, `pair` or `elem`.")
     synthetic_size: int = _field(1024, "Number of training images of the `synthetic` dataset.")
+    grey_to_rgb: bool = _field(
+        True, "One-channel images (digits) for a model that takes three channels "
+        "(`in_chans: 3`, timm's default): replicate the grey channel to RGB, and say so once in "
+        "the log; false: stop instead (exit code 2), naming the model's `kwargs.in_chans`. Any "
+        "other channel difference always stops.")
 
 
 @dataclass
@@ -428,6 +451,114 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         cfg = _merge(cfg, _parse_overrides(list(overrides)), "command line")
     validate(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of every leaf of a nested mapping (dict-valued keys descend)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, (dict, DictConfig)):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _show(value: Any) -> str:
+    """A config value as it would be typed on the command line (YAML)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip() \
+        .removesuffix("...").strip()
+
+
+class ConfigOrigins:
+    """Which values of a command's config came from a base the user did not name.
+
+    Without ``-c`` a command starts from the demo preset (or, see :func:`load_command_config`,
+    from the schema defaults); an error about one of those values then says where it came from,
+    since the user never typed it.
+
+    Example:
+        >>> origins = ConfigOrigins({"student.kwargs.img_size": 16}, "the demo preset")
+        >>> origins.explain("student.kwargs: student x cannot take (1, 1, 32, 32) images")
+        '; student.kwargs.img_size=16 comes from the demo preset'
+    """
+
+    def __init__(self, values: dict[str, Any], source: str) -> None:
+        self.values = values  # dotted key → value, for the keys the implicit base set
+        self.source = source
+
+    def _mentioned(self, key: str, message: str) -> bool:
+        # The key, or its dict-valued parent (``student.kwargs`` for
+        # ``student.kwargs.img_size``), as a whole word of the message.
+        parts = key.split(".")
+        for n in range(len(parts), 1, -1):
+            name = re.escape(".".join(parts[:n]))
+            if re.search(rf"(?<![\w.]){name}(?![\w])", message):
+                return True
+        return False
+
+    def explain(self, message: str) -> str:
+        """What to append to an error ``message``: where the values of the keys it names came
+        from ('' when it names none of them)."""
+        groups: dict[str, dict[str, Any]] = {}  # student.kwargs.depth → student.kwargs {depth}
+        for key, value in self.values.items():
+            if self._mentioned(key, message):
+                parent, _, leaf = key.rpartition(".") if key.count(".") > 1 else (key, "", "")
+                groups.setdefault(parent, {})[leaf] = value
+        if not groups:
+            return ""
+        named = [f"{k}.{next(iter(v))}={_show(next(iter(v.values())))}".replace(".=", "=")
+                 if len(v) == 1 else f"{k} {_show(v)}" for k, v in groups.items()]
+        verb = "comes" if len(named) == 1 and len(next(iter(groups.values()))) == 1 else "come"
+        return f"; {', '.join(named)} {verb} from {self.source}"
+
+
+def _switching_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that name another dataset or model than the demo's (DEMO_SWITCH_KEYS)."""
+    given = _leaves(_parse_overrides(list(overrides)))
+    demo = _leaves(_read_yaml(DEMO_PRESET))
+    return [f"{key}={_show(given[key])}" for key in DEMO_SWITCH_KEYS
+            if key in given and given[key] != demo.get(key)]
+
+
+def load_command_config(path: str | None, overrides: Sequence[str] = ()
+                        ) -> tuple[KDConfig, ConfigOrigins | None]:
+    """The config of a ``kd`` command given ``[-c path] [key=value ...]``, and where the values
+    it did not name came from.
+
+    With ``path``, as :func:`load_config`. Without it, the embedded digits demo
+    (:data:`DEMO_PRESET`), which the overrides tweak — unless they set ``data.name``,
+    ``student.name`` or ``teacher.name`` to another value than the demo's: such a run is not the
+    demo, and it starts from the schema defaults instead (nothing of the demo's models, data or
+    schedule leaks into it). Either way, a :class:`~kd.errors.UserError` about a value that
+    came from that implicit base says so (:meth:`ConfigOrigins.explain`).
+
+    Example:
+        >>> cfg, origins = load_command_config(None, ["train.epochs=2"])
+        >>> cfg.data.name, origins.source.split(",")[0]
+        ('digits', 'the demo preset kd://presets/demo.yaml')
+    """
+    if path is not None:
+        return load_config(path, overrides), None
+    switching = _switching_overrides(overrides)
+    if switching:
+        base = None
+        named = " and ".join(switching) + (" is" if len(switching) == 1 else " are")
+        source = f"the schema defaults, used because no -c was given and {named} not the demo's"
+        log.info("%s not the digits demo's, so this run starts from the schema defaults, not "
+                 "from the demo (pass -c configs/demo.yaml to change the demo itself)", named)
+        values = _leaves(to_container(OmegaConf.structured(KDConfig)))
+    else:
+        base = DEMO_PRESET
+        source = f"the demo preset {DEMO_PRESET}, used because no -c was given"
+        values = _leaves(_read_yaml(DEMO_PRESET))
+    typed = _leaves(_parse_overrides(list(overrides)))
+    origins = ConfigOrigins({k: v for k, v in values.items() if k not in typed}, source)
+    try:
+        return load_config(base, overrides), origins
+    except UserError as e:
+        message = str(e)
+        raise type(e)(message + origins.explain(message)) from None
 
 
 def _check(ok: bool, key: str, value: Any, need: str) -> None:

@@ -2,12 +2,17 @@
 
 Inputs arrive un-normalised (uint8 or [0, 1] floats); each model gets an :class:`InputNorm` with
 its own mean and std, so a teacher trained with other statistics than the student sees inputs
-normalised the way it was trained.
+normalised the way it was trained. :func:`check_model_input` runs one training image through each
+model before anything else happens, so that a model that cannot take the data is a one-line error
+naming the key to change, in every command that builds models.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
+import logging
 import math
 import pickle
 import re
@@ -17,9 +22,12 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("kd")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -32,7 +40,12 @@ def resolve_path(path: str) -> Path:
 
 
 class InputNorm(nn.Module):
-    """``(x / 255 if uint8) - mean) / std`` per channel, on the device, in float32."""
+    """``(x / 255 if uint8) - mean) / std`` per channel, on the device, in float32.
+
+    A one-channel batch for a model with several channels (grey images, an RGB model) has its
+    channel replicated first: :func:`check_model_input` allows that only with
+    ``data.grey_to_rgb`` and says so once.
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -45,8 +58,15 @@ class InputNorm(nn.Module):
         """Whether both apply the same statistics (then one normalised tensor serves both)."""
         return torch.equal(self.mean, other.mean) and torch.equal(self.std, other.std)
 
+    @property
+    def channels(self) -> int:
+        """The channels of the model this normalises for."""
+        return self.mean.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if x.shape[1] == 1 and self.channels > 1:  # grey → RGB: a view, no copy
+            x = x.expand(-1, self.channels, -1, -1)
         return (x - self.mean) / self.std
 
 
@@ -112,18 +132,94 @@ def check_patch_grid(model: nn.Module, image_size: int, section: str, setting: s
                           f"{setting}={sizes}")
 
 
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a normalised (B, C, H, W) batch to ``size``² (bilinear, antialiased when shrinking).
+
+    Normalisation is a per-channel affine map and resampling is linear, so resizing after
+    normalising equals normalising the resized image.
+    """
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < x.shape[-1])
+
+
+def check_channels(data_channels: int, model: nn.Module, section: str,
+                   grey_to_rgb: bool = True) -> None:
+    """Refuse data whose channels the model cannot take, or say how they are converted.
+
+    Grey data for a three-channel model is replicated to RGB (:class:`InputNorm`) when
+    ``data.grey_to_rgb`` allows it, and the log says so; any other difference is a ConfigError
+    naming ``<section>.kwargs.in_chans``.
+    """
+    channels = _in_chans(model) or data_channels
+    if channels == data_channels:
+        return
+    key = f"{section}.kwargs.in_chans"
+    if data_channels == 1 and channels == 3:
+        if grey_to_rgb:
+            log.info("the data has 1 channel and the %s takes 3 (%s=3): the grey channel is "
+                     "replicated to RGB (data.grey_to_rgb=true; false refuses instead)", section,
+                     key)
+            return
+        raise ConfigError(f"{key}: the data has 1 channel but the {section} takes 3 and "
+                          f"data.grey_to_rgb=false; set {key}=1, or data.grey_to_rgb=true to "
+                          f"replicate the grey channel")
+    raise ConfigError(f"{key}: the data has {data_channels} channel"
+                      f"{'s' if data_channels > 1 else ''} but the {section} takes {channels}; "
+                      f"set {key}={data_channels}")
+
+
+def check_model_input(model: nn.Module, norm: InputNorm, image: torch.Tensor, *, section: str,
+                      name: str, image_size: int, teacher_image_size: int | None = None,
+                      grey_to_rgb: bool = True) -> None:
+    """One raw (1, C, H, W) training image through ``model`` (on the CPU, in fp32, no grad).
+
+    ``section`` is ``student`` or ``teacher`` (whose input is resized to ``teacher_image_size``
+    when set, as training does). A model that cannot take the image, its channels or its size is
+    a ConfigError naming the key to change; every command that builds models calls this first.
+    """
+    size_key = "teacher.image_size" if teacher_image_size else "data.image_size"
+    check_patch_grid(model, teacher_image_size or image_size, section, size_key)
+    check_channels(image.shape[1], model, section, grey_to_rgb)
+    was_training = model.training
+    x = image
+    try:
+        with torch.no_grad():
+            x = norm(image)
+            if teacher_image_size:
+                x = resize(x, teacher_image_size)
+            model.eval()(x)
+    except Exception as e:  # shape errors surface as many exception types
+        msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        hint = "; set teacher.image_size to the size it was trained at" \
+            if section == "teacher" else ""
+        raise ConfigError(
+            f"{section}.kwargs: {section} {name} cannot take {tuple(x.shape)} images "
+            f"(data.image_size={image_size}): {msg}{hint}") from None
+    finally:
+        model.train(was_training)
+
+
 def num_outputs(model: nn.Module) -> int | None:
     """Classes predicted by a timm classifier (None when unknown)."""
     n = getattr(model, "num_classes", None)
     return int(n) if n is not None else None
 
 
-def load_state_dict(path: str, setting: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Read a state dict without executing code: safetensors, or ``torch.load(weights_only=True)``.
+# Containers that training checkpoints hold beside their weights, safe to rebuild: timm's
+# train.py saves its argparse.Namespace as "args"; PyTorch Lightning its hyper-parameters as an
+# AttributeDict, read here as the plain dict it is (torch's weights-only unpickler fills no dict
+# subclass), so reading a Lightning checkpoint needs neither Lightning nor weights_only=False.
+_CHECKPOINT_GLOBALS = [argparse.Namespace, *(
+    (dict, f"{module}.AttributeDict") for module in (
+        "lightning.fabric.utilities.data", "lightning_fabric.utilities.data",
+        "pytorch_lightning.utilities.parsing"))]
+# The entries that hold a model's plain weights, tried in this order when
+# ``<section>.checkpoint_key`` is null (timm and Lightning: state_dict; DeiT, MAE: model).
+WEIGHT_KEYS = ("state_dict", "model", "module")
 
-    Wrapped state dicts (``{"state_dict": ...}``, ``{"model": ...}``, EMA) are unwrapped and a
-    ``module.`` prefix from DistributedDataParallel is stripped.
-    """
+
+def _read_checkpoint(path: str, setting: str) -> Any:
+    """The object in a weights file, read without executing code."""
     p = resolve_path(path)
     if p.is_dir():
         raise CheckpointError(f"{setting}: {path} is a folder; point it at a .safetensors or "
@@ -137,9 +233,10 @@ def load_state_dict(path: str, setting: str = "checkpoint") -> dict[str, torch.T
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state: Any = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            return load_file(str(p))
+        safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        with safe(_CHECKPOINT_GLOBALS) if safe else contextlib.nullcontext():
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused it before running anything
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found is None:  # torch's message would say "re-run with weights_only=False"
@@ -152,28 +249,126 @@ def load_state_dict(path: str, setting: str = "checkpoint") -> dict[str, torch.T
     except Exception as e:  # corrupt or truncated files raise many different types
         raise CheckpointError(f"{setting}: cannot read checkpoint {path}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
-    if not isinstance(state, Mapping) or not all(
-            isinstance(v, torch.Tensor) for v in state.values()):
+
+
+def _is_weights(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _select_weights(obj: Any, path: str, setting: str, key: str | None
+                    ) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    """The weights inside a (training) checkpoint, and the entry they came from (None: the
+    file itself)."""
+    key_setting = setting.replace(".checkpoint", ".checkpoint_key") \
+        if setting.endswith(".checkpoint") else "checkpoint_key"
+    if key is not None:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get(key), Mapping):
+            entries = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else "none"
+            raise CheckpointError(f"{key_setting}={key}: {path} has no '{key}' entry of weights "
+                                  f"(its entries: {entries})")
+        chosen, used = obj[key], key
+    else:
+        used = next((k for k in WEIGHT_KEYS if isinstance(obj, Mapping)
+                     and isinstance(obj.get(k), Mapping)), None)
+        chosen = obj[used] if used is not None else obj
+        if used is None and isinstance(obj, Mapping) and not _is_weights(obj):
+            ema = next((k for k in ("state_dict_ema", "model_ema") if isinstance(
+                obj.get(k), Mapping)), None)  # an EMA alone: say how to choose it
+            if ema is not None:
+                raise CheckpointError(f"{setting}: {path} holds only EMA weights ('{ema}'); set "
+                                      f"{key_setting}={ema} to load them")
+    if used is not None and isinstance(chosen, Mapping) and "model" in chosen and \
+            isinstance(chosen["model"], Mapping) and not _is_weights(chosen):
+        chosen, used = chosen["model"], f"{used}.model"  # {"model": {"model": ...}} (DeiT)
+    if not _is_weights(chosen):
         raise CheckpointError(f"{setting}: {path} is not a state dict of tensors (a mapping "
                               f"of parameter names to tensors)")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return chosen, used
 
 
-def load_weights(model: nn.Module, path: str, section: str, num_classes: int) -> None:
+def _fitting_prefixes(names: Sequence[str], own: set[str]) -> dict[str, int]:
+    """For each prefix ending in ``.`` (or none) that turns some of ``names`` into keys of
+    ``own``, how many distinct keys of ``own`` it reaches."""
+    reach: dict[str, set[str]] = {}
+    for name in names:
+        for i in [-1, *(i for i, c in enumerate(name) if c == ".")]:
+            rest = name[i + 1:]
+            if rest in own:
+                reach.setdefault(name[:i + 1], set()).add(rest)
+    return {prefix: len(keys) for prefix, keys in reach.items()}
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], own: set[str] | None, path: str,
+                  setting: str, prefix: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The state with the prefix that matches the model's names removed (Lightning's
+    ``model.``, DDP's ``module.``, ...), and that prefix."""
+    prefix_setting = setting.replace(".checkpoint", ".checkpoint_prefix") \
+        if setting.endswith(".checkpoint") else "checkpoint_prefix"
+    names = list(state)
+    if prefix is None and own is None:  # no model to match: DDP's module. alone
+        prefix = "module." if names and all(n.startswith("module.") for n in names) else ""
+    elif prefix is None:
+        fits = _fitting_prefixes(names, own)
+        full = sorted(p for p, n in fits.items() if n == len(own))
+        if len(full) > 1:
+            shown = ", ".join(f"'{p}'" if p else "'' (none)" for p in full)
+            raise CheckpointError(f"{setting}: the weights in {path} fit the model under "
+                                  f"{len(full)} prefixes, {shown}; choose one with "
+                                  f"{prefix_setting}=...")
+        # No full fit: the best partial one, so the mismatch error names the real differences.
+        prefix = full[0] if full else max(fits, key=lambda p: (fits[p], p == ""), default="")
+    if prefix and not any(n.startswith(prefix) for n in names):
+        raise CheckpointError(f"{prefix_setting}={prefix}: no weight name in {path} starts "
+                              f"with it (e.g. '{names[0] if names else ''}')")
+    if not prefix:
+        return dict(state), ""
+    return {n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)}, prefix
+
+
+def load_state_dict(path: str, setting: str = "checkpoint", *, key: str | None = None,
+                    prefix: str | None = None, expected: Sequence[str] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Read a state dict without executing code: safetensors, or ``torch.load(weights_only=True)``.
+
+    A training checkpoint's weights are taken from its ``key`` entry, or with ``key=None`` from
+    the first of :data:`WEIGHT_KEYS` it has (timm's ``train.py`` and PyTorch Lightning write
+    ``state_dict``; timm's EMA weights need ``key="state_dict_ema"``). Their names lose
+    ``prefix``, or with ``prefix=None`` the one prefix under which they match ``expected`` (the
+    model's own names: Lightning's ``model.``, DDP's ``module.``, ...; without ``expected``,
+    DDP's ``module.`` only). Entries outside the prefix (a Lightning module's other parts) are
+    dropped. Which entry and prefix were used is logged.
+
+    Raises:
+        CheckpointError: a missing, empty, unreadable or unsafe file; no such entry; weights
+            that fit under two prefixes (``<section>.checkpoint_prefix`` chooses).
+    """
+    obj = _read_checkpoint(path, setting)
+    state, used = _select_weights(obj, path, setting, key)
+    own = set(expected) if expected is not None else None
+    found = len(state)
+    state, stripped = _strip_prefix(state, own, path, setting, prefix)
+    if used is not None or stripped:
+        ignored = found - len(state)
+        log.info("%s: weights from %s%s%s", setting,
+                 f"the '{used}' entry of {path}" if used else path,
+                 f", names without the prefix '{stripped}'" if stripped else "",
+                 f" ({ignored} entries outside it ignored)" if ignored else "")
+    return state
+
+
+def load_weights(model: nn.Module, path: str, section: str, num_classes: int,
+                 key: str | None = None, prefix: str | None = None) -> None:
     """Load ``path`` into ``model`` strictly; a classifier of another size is a clear error."""
-    state = load_state_dict(path, f"{section}.checkpoint")
     own = model.state_dict()
+    state = load_state_dict(path, f"{section}.checkpoint", key=key, prefix=prefix,
+                            expected=list(own))
     head = getattr(model, "get_classifier", lambda: None)()
     heads = head if isinstance(head, tuple) else (head,)  # DeiT: (head, head_dist)
     head_keys = {f"{n}.weight" for n, m in model.named_modules() if any(m is h for h in heads)}
-    for key in head_keys & state.keys():
-        if state[key].shape[0] != num_classes:
+    for name in head_keys & state.keys():
+        if state[name].shape[0] != num_classes:
             raise CheckpointError(
-                f"{section}.checkpoint {path} has a {state[key].shape[0]}-class classifier but "
+                f"{section}.checkpoint {path} has a {state[name].shape[0]}-class classifier but "
                 f"data.num_classes={num_classes}; use a teacher trained on these classes")
     mismatch = describe_mismatch(own, state)
     if mismatch:
@@ -253,7 +448,8 @@ def build_teacher(cfg: Any, num_classes: int) -> FrozenTeacher | None:
     if cfg.checkpoint:
         model = create_timm_model(cfg.name, "teacher", num_classes=num_classes,
                                   **dict(cfg.kwargs))
-        load_weights(model, cfg.checkpoint, "teacher", num_classes)
+        load_weights(model, cfg.checkpoint, "teacher", num_classes, key=cfg.checkpoint_key,
+                     prefix=cfg.checkpoint_prefix)
     elif cfg.pretrained:
         # No num_classes here: timm would silently replace a mismatched head with a random one.
         model = create_timm_model(cfg.name, "teacher", pretrained=True, **dict(cfg.kwargs))

@@ -507,6 +507,18 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+def data_channels(cfg: Any) -> int:
+    """The channels of the configured dataset's images, without reading it: digits are grey,
+    the image datasets decode to RGB, and synthetic images take the student's ``in_chans``."""
+    from kd.data.datasets import DigitsDataset
+
+    if cfg.data.name == "digits":
+        return DigitsDataset.channels
+    if cfg.data.name == "synthetic":
+        return int(cfg.student.kwargs.get("in_chans", 3))
+    return 3
+
+
 @dataclass
 class PlanModels:
     """The config's student, teacher and task, built as the trainer builds them."""
@@ -529,19 +541,25 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
         FrozenTeacher,
         build_input_norm,
         build_student,
-        check_patch_grid,
+        check_model_input,
         create_timm_model,
         teacher_dtype,
     )
     from kd.task import DistillationTask
 
     torch.manual_seed(cfg.seed)
-    classes = cfg.data.num_classes
+    dc = cfg.data
+    classes = dc.num_classes
     student_cfg = copy.deepcopy(cfg.student)
     student_cfg.pretrained = False  # the architecture is what matters: nothing downloaded
     student = build_student(student_cfg, classes)
-    check_patch_grid(student, cfg.data.image_size, "student", "data.image_size")
     student_norm = build_input_norm(student, cfg.student.mean, cfg.student.std, "student")
+    # The plan never reads the data: a random image of the data's shape takes the check that
+    # training makes before its first step.
+    image = torch.randint(0, 256, (1, data_channels(cfg), dc.image_size, dc.image_size),
+                          dtype=torch.uint8)
+    check_model_input(student, student_norm, image, section="student", name=cfg.student.name,
+                      image_size=dc.image_size, grey_to_rgb=dc.grey_to_rgb)
     cached = bool(cfg.distill.teacher_cache)
     teacher = None
     if not cached and (cfg.distill.loss != "none" or cfg.teacher.checkpoint
@@ -549,11 +567,11 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
         # What build_teacher builds, without reading teacher.checkpoint or downloading weights.
         model = create_timm_model(cfg.teacher.name, "teacher", num_classes=classes,
                                   **dict(cfg.teacher.kwargs))
-        size = cfg.teacher.image_size or cfg.data.image_size
-        check_patch_grid(model, size, "teacher", "teacher.image_size" if cfg.teacher.image_size
-                         else "data.image_size")
-        teacher = FrozenTeacher(model, build_input_norm(model, cfg.teacher.mean, cfg.teacher.std,
-                                                        "teacher")).to(device)
+        teacher_norm = build_input_norm(model, cfg.teacher.mean, cfg.teacher.std, "teacher")
+        check_model_input(model, teacher_norm, image, section="teacher", name=cfg.teacher.name,
+                          image_size=dc.image_size, teacher_image_size=cfg.teacher.image_size,
+                          grey_to_rgb=dc.grey_to_rgb)
+        teacher = FrozenTeacher(model, teacher_norm).to(device)
         # Held as training holds it: bf16 weights under bf16 autocast (teacher.dtype=auto).
         teacher.cast(teacher_dtype(cfg.teacher.dtype, plan_precision(cfg.train.precision)))
     student = student.to(device).train()
@@ -580,7 +598,7 @@ def activation_peak(built: PlanModels, cfg: Any, batch: int, device: torch.devic
               *(p.grad for p in student.parameters() if p.grad is not None)]
     if teacher is not None:
         before += [*teacher.parameters(), *teacher.buffers()]
-    channels = cfg.student.kwargs.get("in_chans", 3)
+    channels = data_channels(cfg)
     side, classes = cfg.data.image_size, cfg.data.num_classes
     with LiveTensorBytes(exclude=before) as live:
         images = torch.randint(0, 256, (batch, channels, side, side), dtype=torch.uint8,

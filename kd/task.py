@@ -23,22 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import ConfigError
 from kd.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
-from kd.models import FrozenTeacher, InputNorm, is_distilled_vit
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a normalised (B, C, H, W) batch to ``size``² (bilinear, antialiased when shrinking).
-
-    Normalisation is a per-channel affine map and resampling is linear, so resizing after
-    normalising equals normalising the resized image.
-    """
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=size < x.shape[-1])
+from kd.models import FrozenTeacher, InputNorm, is_distilled_vit, resize
 
 
 def teacher_input(teacher: FrozenTeacher, images: torch.Tensor, image_size: int | None,

@@ -34,21 +34,21 @@ from kd.data.subset import SubsetDataset, subset_record
 from kd.data.transfer import labelled_share
 from kd.data.tuning import resolve_num_workers
 from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from kd.errors import ConfigError, DataError, Preempted, TeacherError, UserError, output_error
+from kd.errors import DataError, Preempted, TeacherError, UserError, output_error
 from kd.guard import SkipTracker, StopRequest
 from kd.metrics import build_metrics
 from kd.models import (
     build_input_norm,
     build_student,
     build_teacher,
-    check_patch_grid,
+    check_model_input,
     describe_mismatch,
     teacher_dtype,
 )
 from kd.optim import build_optimizer, build_scheduler
 from kd.profiler import annotate
 from kd.strategy import build_strategy
-from kd.task import DistillationTask, resize
+from kd.task import DistillationTask
 from kd.watchdog import report_step
 
 log = logging.getLogger("kd")
@@ -102,32 +102,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def check_model_input(cfg: Any, section: str, model: nn.Module, norm: Any,
-                      image: torch.Tensor) -> None:
-    """One training image (a (1, C, H, W) raw batch) through ``model`` (``section``: student or
-    teacher, on the CPU in fp32); a model that cannot take it is a ConfigError naming the key."""
-    teacher_size = cfg.teacher.image_size if section == "teacher" else None
-    check_patch_grid(model, teacher_size or cfg.data.image_size, section,
-                     "teacher.image_size" if teacher_size else "data.image_size")
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            x = norm(image)
-            if teacher_size:
-                x = resize(x, teacher_size)
-            model.eval()(x)
-    except Exception as e:  # shape errors surface as many exception types
-        msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
-        hint = "; set teacher.image_size to the size it was trained at" \
-            if section == "teacher" else ""
-        raise ConfigError(
-            f"{section}.kwargs: {section} {getattr(cfg, section).name} cannot take "
-            f"{tuple(x.shape)} images (data.image_size={cfg.data.image_size}): "
-            f"{msg}{hint}") from None
-    finally:
-        model.train(was_training)
 
 
 class PhaseTimer:
@@ -293,9 +267,15 @@ class Trainer:
     def _check_models(self, student: nn.Module, teacher: Any) -> None:
         """Fail before training, with the config key to fix, if a model cannot take the data."""
         image = self.train_set[0][0][None]
-        check_model_input(self.cfg, "student", student, self.student_norm, image)
+        cfg = self.cfg
+        check_model_input(student, self.student_norm, image, section="student",
+                          name=cfg.student.name, image_size=cfg.data.image_size,
+                          grey_to_rgb=cfg.data.grey_to_rgb)
         if teacher is not None:
-            check_model_input(self.cfg, "teacher", teacher.model, teacher.norm, image)
+            check_model_input(teacher.model, teacher.norm, image, section="teacher",
+                              name=cfg.teacher.name, image_size=cfg.data.image_size,
+                              teacher_image_size=cfg.teacher.image_size,
+                              grey_to_rgb=cfg.data.grey_to_rgb)
 
     def _speed_up_models(self, cfg: Any) -> None:
         """The teacher's weights in the training dtype (``teacher.dtype``); ``train.compile``

@@ -149,15 +149,22 @@ def truncated_shard(env: Env) -> list[str]:
     return env.train("data.name=wds", f"data.root={root}")
 
 
-def teacher_file(name: str, content: Callable[[Path], None]) -> Callable[[Env], list[str]]:
+def teacher_file(name: str, content: Callable[[Path], None],
+                 *overrides: str) -> Callable[[Env], list[str]]:
     """A teacher checkpoint written by ``content``."""
 
     def setup(env: Env) -> list[str]:
         path = env.tmp / name
         content(path)
-        return env.train(f"teacher.checkpoint={path}")
+        return env.train(f"teacher.checkpoint={path}", *overrides)
 
     return setup
+
+
+def tiny_teacher_weights() -> dict[str, torch.Tensor]:
+    """Random weights of the tiny teacher's architecture (configs/tiny.yaml teacher.kwargs)."""
+    return timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=8,
+                             embed_dim=48, depth=1, num_heads=2).state_dict()
 
 
 class Exploit:
@@ -576,7 +583,53 @@ ROWS = [
         "distill.require_teacher_top1", "never builds the teacher"),
     row("disk-full-writing-the-summary", full_at_summary, "summary.json", "No space left",
         "disk", writes=True, check=no_summary),
+    # Newcomer paths: leaving the demo, checkpoints as users pass them, channels.
+    row("no-preset-demo-value-named", lambda env: ["train", "data.image_size=32",
+                                                   f"output_dir={env.out}"],
+        "student.kwargs", "img_size: 16", "from the demo preset kd://presets/demo.yaml",
+        "no -c was given"),
+    row("no-preset-another-model", lambda env: ["train", "student.name=vit_small_patch16_224",
+                                                f"output_dir={env.out}"],
+        "data.root", "from the schema defaults", "student.name=vit_small_patch16_224"),
+    row("plan-model-cannot-take-the-images", command("plan", "data.image_size=24", "--gpu",
+                                                     "h100"), "student.kwargs", "cannot take",
+        "data.image_size=24"),
+    row("plan-teacher-of-another-size", command("plan", "teacher.image_size=20", "--gpu",
+                                                "h100"), "teacher.image_size", "patch"),
+    row("bench-bad-teacher-kwargs", lambda env: [
+        "bench", "--teacher-kwargs", "{embed_dim: 30, num_heads: 4}", "--image-size", "32"],
+        "--teacher-kwargs", "divisible"),
+    row("export-best-of-one-checkpoint", lambda env: [
+        "export", "--checkpoint", str(copied(env)), "--best", "--out", str(env.tmp / "x")],
+        "--best", "run directory"),
+    row("eval-best-json-file", lambda env: [
+        "eval", "--checkpoint", str(copy_run(env) / "checkpoints" / "best.json")],
+        "best.json", "--best"),
+    row("export-folder-without-checkpoints", export(lambda env: write(
+        env.tmp / "run" / "config.yaml", "seed: 0\n").parent), "nor a run with complete "
+        "checkpoints"),
+    row("eval-best-without-best-json", lambda env: [
+        "eval", "--checkpoint", str(without_best(env)), "--best"], "no best.json"),
+    row("rgb-data-for-a-grey-student", folder_run(4, 4, "student.kwargs.in_chans=1"),
+        "student.kwargs.in_chans", "3 channels", "takes 1"),
+    row("teacher-fits-under-two-prefixes", teacher_file("kd.ckpt", lambda p: torch.save(
+        {"state_dict": {f"{part}.{k}": v for part in ("student", "teacher")
+                        for k, v in tiny_teacher_weights().items()}}, p)),
+        "teacher.checkpoint_prefix", "'student.'", "'teacher.'"),
+    row("teacher-checkpoint-key-missing", teacher_file("t.pth", lambda p: torch.save(
+        {"state_dict": tiny_teacher_weights(), "epoch": 1}, p), "teacher.checkpoint_key=ema"),
+        "teacher.checkpoint_key=ema", "state_dict, epoch"),
+    row("grey-data-refused-for-an-rgb-student", (
+        "data.name=digits", "data.num_classes=10", "distill.loss=none",
+        "teacher.checkpoint=null", "data.grey_to_rgb=false"), "student.kwargs.in_chans",
+        "data.grey_to_rgb"),
 ]
+
+
+def without_best(env: Env) -> Path:
+    """The finished run, copied, without its best.json."""
+    (copy_run(env) / "checkpoints" / "best.json").unlink()
+    return env.out
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

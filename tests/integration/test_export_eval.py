@@ -108,6 +108,26 @@ def exported(run: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_export_and_eval_take_the_run_directory_and_best(run: Run, tmp_path: Path) -> None:
+    """--checkpoint as users pass it: the run (its newest checkpoint), its checkpoints/ folder
+    with --best (the one best.json names)."""
+    out = tmp_path / "newest"
+    result = kd_cli("export", "--checkpoint", str(run.dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(load_file(str(out / "model.safetensors")),
+                        load_file(str(run.checkpoint(16) / "student.safetensors")))
+    best = json.loads((run.dir / "checkpoints" / "best.json").read_text())
+    report = tmp_path / "best.json"
+    result = kd_cli("eval", "--checkpoint", str(run.dir / "checkpoints"), "--best", "--out",
+                    str(report))
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(report.read_text())
+    assert written["step"] == best["step"]
+    assert written["checkpoint"] == str(run.dir / "checkpoints" / best["checkpoint"])
+    assert written["student_top1"] == val_record(run, best["step"])["student_top1"]
+    assert f"the best in {run.dir / 'checkpoints'}" in result.stderr
+
+
 def test_export_writes_safetensors_and_timm_config(run: Run, exported: Path) -> None:
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
     assert_same_weights(load_file(str(exported / "model.safetensors")),

@@ -396,3 +396,47 @@ def test_save_weights_failure_keeps_the_old_file(tmp_path: Path,
         save_weights(target, {"a": torch.ones(2)}, {})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["student.safetensors"]
+
+
+# ------------------------------------------------------------------ what --checkpoint accepts
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run with checkpoints 10, 20 and 30; best.json names 20."""
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep=3)
+    for step in (10, 20, 30):
+        save(manager, step)
+    manager.mark_best(20, "student_top1", 0.9)
+    return tmp_path / "run"
+
+
+def test_find_checkpoint_takes_a_run_its_folder_or_one_checkpoint(run_dir: Path) -> None:
+    folder = run_dir / "checkpoints"
+    assert ckpt.find_checkpoint(run_dir) == folder / "step_00000030"
+    assert ckpt.find_checkpoint(folder) == folder / "step_00000030"
+    assert ckpt.find_checkpoint(folder / "step_00000010") == folder / "step_00000010"
+    assert ckpt.find_checkpoint(run_dir, best=True) == folder / "step_00000020"
+    assert ckpt.find_checkpoint(folder, best=True) == folder / "step_00000020"
+
+
+def test_find_checkpoint_skips_a_damaged_newest(run_dir: Path) -> None:
+    flip_byte(run_dir / "checkpoints" / "step_00000030" / STUDENT_FILE)
+    assert ckpt.find_checkpoint(run_dir) == run_dir / "checkpoints" / "step_00000020"
+
+
+@pytest.mark.parametrize("what, best, needle", [
+    ("checkpoints/best.json", False, "--best"),
+    ("checkpoints/step_00000010", True, "pass its run directory with --best"),
+    ("nowhere", False, "not found"),
+    ("empty", False, "nor a run with complete checkpoints"),
+])
+def test_find_checkpoint_refuses_anything_else(run_dir: Path, what: str, best: bool,
+                                               needle: str) -> None:
+    (run_dir / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=needle):
+        ckpt.find_checkpoint(run_dir / what, best=best)
+
+
+def test_best_needs_a_best_json(tmp_path: Path) -> None:
+    save(CheckpointManager(tmp_path / "checkpoints", keep=3), 10)
+    with pytest.raises(CheckpointError, match=r"no best\.json"):
+        ckpt.find_checkpoint(tmp_path, best=True)

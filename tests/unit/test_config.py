@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 from kd.config import (
     CHOICES,
     DEMO_PRESET,
+    ConfigOrigins,
     KDConfig,
     iter_fields,
+    load_command_config,
     load_config,
     reference_markdown,
     to_container,
@@ -352,3 +354,78 @@ def test_cli_config_reference_matches_the_schema() -> None:
     assert proc.stdout == reference_markdown()
     for key, _ in iter_fields():
         assert f"| `{key}` |" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# without -c: the demo, unless the overrides name another dataset or model
+# ------------------------------------------------------------------------------------------
+
+
+def test_without_a_preset_overrides_tweak_the_demo() -> None:
+    cfg, origins = load_command_config(None, ["train.epochs=2", "data.name=digits"])
+    assert to_container(cfg) == to_container(load_config(DEMO_PRESET, ["train.epochs=2"]))
+    assert origins is not None and DEMO_PRESET in origins.source
+    assert origins.values["student.kwargs.img_size"] == 16
+    assert "train.epochs" not in origins.values  # typed, so not explained
+
+
+@pytest.mark.parametrize("switch", ["data.name=synthetic", "student.name=vit_small_patch16_224",
+                                    "teacher.name=vit_small_patch16_224"])
+def test_naming_another_dataset_or_model_starts_from_the_schema_defaults(switch: str) -> None:
+    overrides = ["data.name=synthetic", "data.num_classes=10", switch]
+    cfg, origins = load_command_config(None, overrides)
+    assert to_container(cfg) == to_container(load_config(None, overrides))
+    assert cfg.student.kwargs == {} and cfg.teacher.kwargs == {}  # nothing of the demo leaks
+    assert cfg.output_dir == DEFAULTS["output_dir"] and cfg.train.epochs == DEFAULTS["train"][
+        "epochs"]
+    assert "schema defaults" in origins.source and "data.name=synthetic" in origins.source
+
+
+def test_the_issue_example_is_not_the_demo() -> None:
+    """The command a new user typed: the demo's 16-pixel, one-channel student came along."""
+    cfg, _ = load_command_config(None, [
+        "data.name=synthetic", "data.num_classes=10", "data.image_size=224",
+        "student.name=vit_tiny_patch16_224", "teacher.checkpoint=null", "distill.loss=none"])
+    assert cfg.student.kwargs == {} and cfg.data.image_size == 224
+
+
+def test_an_explicit_preset_is_never_switched() -> None:
+    demo = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    cfg, origins = load_command_config(demo, ["data.name=synthetic"])
+    assert origins is None
+    assert cfg.student.kwargs.img_size == 16  # -c configs/demo.yaml: the demo, changed
+
+
+def test_a_validation_error_says_the_value_came_from_the_schema_defaults() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_command_config(None, ["student.name=vit_small_patch16_224"])
+    assert "'data.root'" in str(e.value)
+    assert ("data.root=null comes from the schema defaults, used because no -c was given and "
+            "student.name=vit_small_patch16_224 is not the demo's") in str(e.value)
+
+
+def test_origins_name_only_the_keys_an_error_mentions() -> None:
+    origins = ConfigOrigins({"student.kwargs.img_size": 16, "student.kwargs.in_chans": 1,
+                             "data.image_size": 16, "teacher.kwargs.depth": 3}, "the demo")
+    line = "student.kwargs: cannot take (1, 1, 32, 32) images (data.image_size=32)"
+    assert origins.explain(line) == ("; student.kwargs {img_size: 16, in_chans: 1}, "
+                                     "data.image_size=16 come from the demo")
+    assert origins.explain("teacher.image_size is wrong") == ""  # not teacher.kwargs.*
+    assert origins.explain("nothing here") == ""
+
+
+@pytest.mark.parametrize("command", [["config"], ["train"], ["plan", "--gpu", "h100"],
+                                     ["profile"], ["compare"], ["tune-loader"],
+                                     ["cache-teacher", "--out", "cache"]])
+def test_every_config_command_follows_the_rule(command: list[str], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from kd.cli import main
+
+    capsys.readouterr()
+    rc = main([*command, "student.name=vit_small_patch16_224", f"output_dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = next(x for x in err.splitlines() if x.startswith("kd: error: "))
+    assert "data.root=null comes from the schema defaults" in line
+    assert "student.name=vit_small_patch16_224 is not the demo's" in line
+    assert list(tmp_path.iterdir()) == []

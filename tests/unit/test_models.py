@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ def test_load_torch_files_unwraps(tmp_path: Path, suffix: str, kind: str) -> Non
     sd = tiny_vit().state_dict()
     path = tmp_path / f"w{suffix}"
     torch.save(_wrap(kind, sd), path)
-    assert_same_state(load_state_dict(str(path)), sd)
+    key = "state_dict_ema" if kind == "state_dict_ema" else None  # EMA only when asked for
+    assert_same_state(load_state_dict(str(path), key=key), sd)
 
 
 class _Marker:
@@ -376,3 +378,140 @@ def test_input_norm_same_as() -> None:
     assert a.same_as(InputNorm([0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
     assert not a.same_as(InputNorm([0.5, 0.5, 0.5], [0.2, 0.2, 0.3]))
     assert not a.same_as(InputNorm([0.4, 0.5, 0.5], [0.2, 0.2, 0.2]))
+
+
+# ------------------------------------------------------------------ channels of data vs model
+def test_grey_data_for_an_rgb_model_is_replicated_and_said_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_vit()  # in_chans 3
+    norm = InputNorm([0.1, 0.2, 0.3], [0.5, 0.25, 2.0])
+    grey = torch.rand(1, 1, 16, 16)
+    with caplog.at_level("INFO", logger="kd"):
+        models.check_model_input(model, norm, grey, section="teacher", name=VIT, image_size=16)
+    said = [r.getMessage() for r in caplog.records if "replicated" in r.getMessage()]
+    assert len(said) == 1 and "data.grey_to_rgb" in said[0] and "teacher" in said[0]
+    torch.testing.assert_close(norm(grey), norm(grey.expand(-1, 3, -1, -1)), rtol=0, atol=0)
+
+
+def test_grey_data_is_refused_when_replication_is_off() -> None:
+    with pytest.raises(ConfigError, match=r"student\.kwargs\.in_chans.*data\.grey_to_rgb"):
+        models.check_model_input(tiny_vit(), InputNorm([0.5] * 3, [0.5] * 3),
+                                 torch.rand(1, 1, 16, 16), section="student", name=VIT,
+                                 image_size=16, grey_to_rgb=False)
+
+
+@pytest.mark.parametrize("data, model", [(3, 1), (1, 4), (4, 3)])
+def test_other_channel_differences_name_in_chans(data: int, model: int) -> None:
+    norm = InputNorm([0.5] * model, [0.5] * model)
+    with pytest.raises(ConfigError) as info:
+        models.check_model_input(tiny_vit(in_chans=model), norm, torch.rand(1, data, 16, 16),
+                                 section="student", name=VIT, image_size=16)
+    assert f"set student.kwargs.in_chans={data}" in str(info.value)
+    assert f"takes {model}" in str(info.value)
+
+
+# ------------------------------------------------- teacher checkpoints in the formats people have
+def timm_train_checkpoint(path: Path, plain: torch.nn.Module, ema: torch.nn.Module) -> Path:
+    """What timm's train.py (CheckpointSaver) writes: its argparse Namespace included."""
+    import argparse
+
+    optimizer = torch.optim.AdamW(plain.parameters())
+    torch.save({"epoch": 3, "arch": VIT, "state_dict": plain.state_dict(),
+                "optimizer": optimizer.state_dict(), "version": 2,
+                "args": argparse.Namespace(model=VIT, lr=5e-4, epochs=300, amp=True),
+                "state_dict_ema": ema.state_dict(), "metric": 71.2}, path)
+    return path
+
+
+def lightning_checkpoint(path: Path, monkeypatch: pytest.MonkeyPatch,
+                         modules: dict[str, torch.nn.Module]) -> Path:
+    """What PyTorch Lightning's Trainer.save_checkpoint writes for a LightningModule holding
+    ``modules`` as attributes, its hyper-parameters an AttributeDict (lightning is not
+    installed here: a stand-in module of that name pickles it under the real name)."""
+    import sys
+    import types
+
+    data = types.ModuleType("lightning.fabric.utilities.data")
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__, AttributeDict.__qualname__ = data.__name__, "AttributeDict"
+    data.AttributeDict = AttributeDict
+    for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, data.__name__, data)
+    state = {f"{attr}.{k}": v for attr, m in modules.items() for k, v in m.state_dict().items()}
+    torch.save({"epoch": 9, "global_step": 900, "pytorch-lightning_version": "2.5.1",
+                "state_dict": state, "loops": {"fit_loop": {"epoch_progress": {"current": 9}}},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val_acc'}": {"best_model_score":
+                                                                       torch.tensor(0.71)}},
+                "optimizer_states": [torch.optim.AdamW(
+                    next(iter(modules.values())).parameters()).state_dict()],
+                "lr_schedulers": [], "hparams_name": "kwargs",
+                "hyper_parameters": AttributeDict(lr=1e-3, backbone=VIT)}, path)
+    for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities", data.__name__):
+        monkeypatch.delitem(sys.modules, name)  # loading must not need them
+    return path
+
+
+def test_timm_training_checkpoint_loads_plain_weights_by_default(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plain, ema = tiny_vit(), tiny_vit()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)
+    path = timm_train_checkpoint(tmp_path / "model_best.pth.tar", plain, ema)
+    with caplog.at_level("INFO", logger="kd"):
+        teacher = build_teacher(teacher_cfg(checkpoint=str(path)), 4)
+    assert_same_state(teacher.model.state_dict(), plain.state_dict())
+    assert "'state_dict' entry" in caplog.text
+    teacher = build_teacher(teacher_cfg(checkpoint=str(path), checkpoint_key="state_dict_ema"), 4)
+    assert_same_state(teacher.model.state_dict(), ema.state_dict())
+
+
+def test_lightning_checkpoint_strips_its_model_prefix(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    source = tiny_vit()
+    criterion = torch.nn.Linear(2, 2)  # another part of the LightningModule: ignored
+    path = lightning_checkpoint(tmp_path / "epoch=9.ckpt", monkeypatch,
+                                {"model": source, "criterion": criterion})
+    with caplog.at_level("INFO", logger="kd"):
+        teacher = build_teacher(teacher_cfg(checkpoint=str(path)), 4)
+    assert_same_state(teacher.model.state_dict(), source.state_dict())
+    assert "prefix 'model.'" in caplog.text and "2 entries outside it ignored" in caplog.text
+
+
+def test_two_prefixes_that_fit_are_an_error_naming_both(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    student, teacher = tiny_vit(), tiny_vit()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(2.0)
+    path = lightning_checkpoint(tmp_path / "kd.ckpt", monkeypatch,
+                                {"student": student, "teacher": teacher})
+    with pytest.raises(CheckpointError) as info:
+        build_teacher(teacher_cfg(checkpoint=str(path)), 4)
+    assert "'student.'" in str(info.value) and "'teacher.'" in str(info.value)
+    assert "teacher.checkpoint_prefix" in str(info.value)
+    chosen = build_teacher(teacher_cfg(checkpoint=str(path), checkpoint_prefix="teacher."), 4)
+    assert_same_state(chosen.model.state_dict(), teacher.state_dict())
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"checkpoint_key": "nope"}, "teacher.checkpoint_key=nope"),
+    ({"checkpoint_prefix": "net."}, "teacher.checkpoint_prefix=net."),
+])
+def test_a_key_or_prefix_the_file_lacks_names_the_setting(tmp_path: Path, values: dict[str, str],
+                                                          needle: str) -> None:
+    path = timm_train_checkpoint(tmp_path / "last.pth.tar", tiny_vit(), tiny_vit())
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        build_teacher(teacher_cfg(checkpoint=str(path), **values), 4)
+
+
+def test_an_ema_only_checkpoint_says_how_to_load_it(tmp_path: Path) -> None:
+    path = tmp_path / "ema.pt"
+    torch.save({"state_dict_ema": tiny_vit().state_dict(), "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match=r"teacher\.checkpoint_key=state_dict_ema"):
+        build_teacher(teacher_cfg(checkpoint=str(path)), 4)
