@@ -58,7 +58,9 @@ from kd.errors import CacheError, ConfigError, output_error
 
 log = logging.getLogger("kd")
 
-FORMAT = 1
+# 2: kd's own posterize and random erasing (kd.data.augment) changed the augmented images of
+# recipes with data.re_prob or RandAugment, so caches of format 1 no longer match their runs.
+FORMAT = 2
 PLAN_FILE, MANIFEST_FILE = "plan.json", "manifest.json"
 # Config keys a cache must share with the run that reads it (checked one by one, named when
 # they differ). ``seed`` orders the data and draws the augmentation seeds.

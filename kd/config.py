@@ -152,14 +152,16 @@ class DataConfig:
     prefetch_factor: int = _field(2, "Batches each worker prepares ahead (with workers > 0).")
     on_error: str = _field(
         "skip", "Unreadable or corrupt samples: `skip` (counted as `n_bad_samples`, replaced by "
-        "the next readable sample of the split) or `fail` (stop, naming the file).")
+        "the next readable sample of the split) or `fail` (stop, naming the file). Reading and "
+        "decoding only: a failing augmentation always stops the run.")
     augment: bool = _field(True, "Training augmentation (digits: a mild random affine; "
                            "image datasets: timm's train transform below).")
     auto_augment: str | None = _field(
         None, "timm auto-augment policy for image datasets, e.g. `rand-m9-mstd0.5-inc1` "
         "(RandAugment); null: none.")
     color_jitter: float = _field(0.0, "Colour jitter strength (timm); 0: off.")
-    re_prob: float = _field(0.0, "Random-erasing probability (timm); 0: off.")
+    re_prob: float = _field(0.0, "Random-erasing probability (timm's, on the uint8 image "
+                            "before either model sees it); 0: off.")
     scale: list[float] = _field([0.08, 1.0], "Random-resized-crop area range.")
     hflip: float = _field(0.5, "Horizontal flip probability.")
     mixup: float = _field(0.0, "Mixup alpha (timm `Mixup`); 0: off. Targets become soft.")

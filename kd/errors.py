@@ -64,6 +64,15 @@ class Preempted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
+class AugmentationError(RuntimeError):
+    """A training transform raised on a sample that was read and decoded.
+
+    Not a :class:`UserError` and never a skipped sample (``data.on_error`` covers reading and
+    decoding only): an augmentation that fails is a bug in kd or in the library it calls, so the
+    run stops with a traceback (exit 1), naming the sample, the step and the exception.
+    """
+
+
 class OutputError(UserError):
     """An output kd cannot write: disk full, over quota, no permission, read-only, not a folder."""
 

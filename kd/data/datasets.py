@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from kd.data.augment import PixelErasing, fix_posterize, run_steps, seeded, transform_steps
 from kd.data.sampler import SampleKey
 from kd.errors import DataError
 
@@ -228,7 +228,8 @@ class ImageFolderDataset(KeyedDataset):
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         source, label = self.reader[index][:2]
-        return transform_image(self.transform, decode_rgb(source), seed), int(label)
+        return (transform_image(self.transform, decode_rgb(source), seed, self.describe(index)),
+                int(label))
 
 
 def decode_rgb(source: str | Path | bytes | BinaryIO) -> Any:
@@ -251,31 +252,32 @@ def build_image_transform(image_size: int, train: bool,
     """timm's transform for one split of an image dataset, ending in a uint8 (C, H, W) tensor.
 
     ``use_prefetcher=True``: normalising happens on the device, separately for student and
-    teacher. ``transform_kwargs`` (see :func:`train_transform_kwargs`) apply to training only.
+    teacher. ``transform_kwargs`` (see :func:`train_transform_kwargs`) apply to training only;
+    their posterize ops and random erasing are kd's (see :mod:`kd.data.augment`).
     """
     from timm.data import create_transform
 
-    return create_transform(image_size, is_training=train, use_prefetcher=True,
-                            **((transform_kwargs or {}) if train else {}))
+    kwargs = dict(transform_kwargs or {}) if train else {}
+    transform = create_transform(image_size, is_training=train, use_prefetcher=True, **kwargs)
+    fix_posterize(transform)
+    if kwargs.get("re_prob", 0) > 0:  # timm leaves erasing to its prefetcher: kd does it here
+        transform.transforms.append(PixelErasing(kwargs["re_prob"]))
+    return transform
 
 
-def transform_image(transform: Callable[[Any], Any], img: Any, seed: int | None) -> torch.Tensor:
-    """Apply ``transform`` to a decoded PIL image; with a seed, as a pure function of it.
+def transform_image(transform: Callable[[Any], Any], img: Any, seed: int | None,
+                    where: str) -> torch.Tensor:
+    """Apply ``transform`` to a decoded PIL image of sample ``where``; with a seed, as a pure
+    function of it.
 
     timm's transforms draw from Python's ``random`` and torch's global generator: both are seeded
     from ``seed`` for the call and restored after, so a sample's augmentation is the same in any
-    process, worker or restart, and the caller's random streams are untouched.
+    process, worker or restart, and the caller's random streams are untouched. A transform that
+    raises is an :class:`~kd.errors.AugmentationError` naming ``where`` and the step (a bug, not
+    an unreadable sample: ``data.on_error`` does not apply).
     """
-    if seed is None:
-        return torch.as_tensor(transform(img))
-    state = random.getstate(), torch.get_rng_state()
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        return torch.as_tensor(transform(img))
-    finally:
-        random.setstate(state[0])
-        torch.set_rng_state(state[1])
+    steps = transform_steps(transform)
+    return torch.as_tensor(seeded(lambda: run_steps(steps, img, where), seed))
 
 
 def train_transform_kwargs(cfg: Any) -> dict[str, Any]:

@@ -144,4 +144,4 @@ class HFDiskDataset(KeyedDataset):
         if image is None:
             raise ValueError(f"no image ({self.image_key} is null)")
         img = decode_rgb(image["bytes"] if image["bytes"] is not None else image["path"])
-        return transform_image(self.transform, img, seed), int(label)
+        return transform_image(self.transform, img, seed, self.describe(index)), int(label)

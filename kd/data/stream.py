@@ -330,7 +330,8 @@ class WdsStreamDataset(KeyedDataset):
             raise ValueError(sample.error)
         if sample.label >= self.num_classes:
             raise label_out_of_range(self.num_classes, sample.where, sample.label)
-        return transform_image(self.transform, decode_rgb(sample.image), seed), sample.label
+        image = decode_rgb(sample.image)
+        return transform_image(self.transform, image, seed, sample.where), sample.label
 
     def __getitems__(self, keys: list[StreamKey]) -> list[tuple[torch.Tensor, int, list[str]]]:
         epoch, units, unit, first = keys[0]

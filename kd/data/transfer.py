@@ -70,7 +70,8 @@ class UnlabelledFolder(KeyedDataset):
         return np.full(len(self), UNLABELLED, dtype=np.int64)
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
-        return transform_image(self.transform, decode_rgb(self.files[index]), seed), UNLABELLED
+        image = decode_rgb(self.files[index])
+        return transform_image(self.transform, image, seed, self.files[index]), UNLABELLED
 
 
 class WithoutLabels(KeyedDataset):

@@ -332,7 +332,8 @@ class WdsDataset(KeyedDataset):
         label = int(self.labels[index])
         if label == BAD_LABEL:
             raise ValueError(self.label_errors[index])
-        return transform_image(self.transform, decode_rgb(self.read_bytes(index)), seed), label
+        image = decode_rgb(self.read_bytes(index))
+        return transform_image(self.transform, image, seed, self.describe(index)), label
 
 
 def build_wds_dataset(split: str, *, root: str | None, shards: str | None, image_size: int,
