@@ -243,9 +243,14 @@ class TrainConfig:
         None, "Stop after this many optimizer steps (the schedule spans them); null: epochs.")
     precision: str = _field(
         "auto", "`bf16`, `fp16` (with a gradient scaler) or `fp32` autocast. `auto`: bf16 on "
-        "GPUs that support it (else fp16) and on CPUs with AMX (Sapphire Rapids and later), fp32 "
-        "on other CPUs. Very small models run faster in fp32 even with AMX (the digits demo pins "
-        "it).")
+        "GPUs of compute capability 8.0 and later (A100, H100; older ones such as V100 and T4 "
+        "only emulate bf16, so fp16 there) and on CPUs with AMX (Sapphire Rapids and later), "
+        "fp32 on other CPUs. Very small models run faster in fp32 even with AMX (the digits demo "
+        "pins it).")
+    tf32: bool = _field(
+        True, "On GPUs of compute capability 8.0 and later, fp32 matrix multiplies (all of them "
+        "with `train.precision=fp32`) use TF32 tensor cores: fp32 range, 10-bit mantissa inputs, "
+        "fp32 accumulation, several times the fp32 speed. false: full fp32.")
     grad_accum_steps: int = _field(1, "Micro-batches per optimizer step.")
     label_smoothing: float = _field(0.0, "Label smoothing of the task (cross-entropy) term.")
     log_every: int = _field(50, "Optimizer steps between log lines / metrics records.")

@@ -22,13 +22,16 @@ with the step and the loss terms in the message.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.torch_version import TorchVersion
 
 from kd.errors import DivergedError
 
@@ -105,6 +108,59 @@ class StopRequest:
         self._previous = {}
 
 
+# torchrun waits this long after passing SIGTERM on before it SIGKILLs its workers; torch 2.12
+# made it configurable (`--shutdown-timeout` or TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+# pytorch/pytorch#172596); earlier releases ignore the variable.
+TORCHRUN_KILL_AFTER_S = 30.0
+SHUTDOWN_TIMEOUT_FROM = "2.12"
+
+
+def torchrun_kill_after_s(env: Mapping[str, str] | None = None,
+                          torch_version: str | None = None) -> float | None:
+    """Seconds between torchrun's SIGTERM to this worker and its SIGKILL; None when torchrun did
+    not start this process (then the scheduler's grace time is the limit)."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    if TorchVersion(torch_version or torch.__version__) < SHUTDOWN_TIMEOUT_FROM:
+        return TORCHRUN_KILL_AFTER_S
+    try:
+        return float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_KILL_AFTER_S))
+    except ValueError:
+        return TORCHRUN_KILL_AFTER_S
+
+
+def ignored_shutdown_timeout(env: Mapping[str, str] | None = None,
+                             torch_version: str | None = None) -> str | None:
+    """A warning when TORCH_ELASTIC_SHUTDOWN_TIMEOUT is set (launch/torchrun.sh sets 110) but
+    this torch's torchrun ignores it and kills workers 30 s after a SIGTERM."""
+    env = os.environ if env is None else env
+    version = torch_version or torch.__version__
+    asked = env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    if asked is None or "TORCHELASTIC_RUN_ID" not in env or \
+            TorchVersion(version) >= SHUTDOWN_TIMEOUT_FROM:
+        return None
+    return (f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={asked} is ignored by torchrun from torch {version} "
+            f"(honoured from torch {SHUTDOWN_TIMEOUT_FROM}): after a SIGTERM, workers have "
+            f"{TORCHRUN_KILL_AFTER_S:.0f} s to save a checkpoint; the save time is logged when "
+            f"it happens")
+
+
+def report_preemption_save(save_s: float, env: Mapping[str, str] | None = None,
+                           torch_version: str | None = None) -> str:
+    """The log line for a checkpoint saved after a stop signal: how long it took, against
+    torchrun's kill deadline when torchrun runs this worker."""
+    budget = torchrun_kill_after_s(env, torch_version)
+    line = f"preemption checkpoint saved in {save_s:.1f} s"
+    if budget is None:
+        return line
+    line += f" of the {budget:.0f} s torchrun allows before SIGKILL"
+    if save_s > 0.5 * budget:
+        line += (f"; too close to the deadline: raise TORCH_ELASTIC_SHUTDOWN_TIMEOUT (honoured "
+                 f"from torch {SHUTDOWN_TIMEOUT_FROM}) up to the scheduler's grace time")
+    return line
+
+
 class SkipTracker:
     """Device-side counts of skipped (non-finite) optimizer steps; see the module docstring."""
 
@@ -124,7 +180,9 @@ class SkipTracker:
         self.skipped += s
         self.streak.mul_(s).add_(s)  # +1 when skipped, back to 0 when not
         torch.maximum(self.streak_max, self.streak, out=self.streak_max)
-        row = torch.cat([torch.tensor([float(step)], device=terms.device), terms.float()])
+        # new_full fills on the device; torch.tensor([...], device=...) would be a blocking
+        # copy from pageable host memory every step (tests/integration/test_host_sync.py).
+        row = torch.cat([terms.new_full((1,), float(step), dtype=torch.float32), terms.float()])
         self.last_bad = torch.where(skipped, row, self.last_bad)
 
     def check(self) -> int:

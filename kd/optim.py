@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -75,6 +76,35 @@ def optimizer_state_dict(optimizer: Optimizer) -> dict[str, Any] | None:
         optimizer.consolidate_state_dict(to=0)
         return optimizer.state_dict() if dist.get_rank() == 0 else None
     return optimizer.state_dict()
+
+
+def load_optimizer_state(optimizer: Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, with each ``step`` where the optimizer steps it.
+
+    ``ZeroRedundancyOptimizer.load_state_dict`` moves every 0-dim state tensor to the CPU
+    ("Force zero-dimensional tensors (like Adam "step") on CPU", torch/distributed/optim/
+    zero_redundancy_optimizer.py), but fused and capturable optimizers keep ``step`` on the
+    parameter's device (``Optimizer._process_value_according_to_param_policy``): on CUDA the
+    first fused AdamW step after a resume fails with "Expected all tensors to be on the same
+    device ... state_steps" (pytorch/pytorch#124133). Puts them back.
+    """
+    optimizer.load_state_dict(state)
+    place_step_tensors(getattr(optimizer, "optim", optimizer))  # ZeRO's local optimizer
+
+
+def place_step_tensors(optimizer: Optimizer) -> int:
+    """Move ``step`` of fused or capturable parameter groups to their parameter's device (as
+    float32, as torch keeps it there); returns how many moved."""
+    moved = 0
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step) and step.device != p.device:
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+                moved += 1
+    return moved
 
 
 def build_scheduler(optimizer: Optimizer, cfg: Any, total_steps: int,

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from kd.dist import DistInfo
 from kd.errors import ConfigError
-from kd.optim import optimizer_state_dict
+from kd.optim import load_optimizer_state, optimizer_state_dict
 
 
 class DDPStrategy:
@@ -94,7 +94,7 @@ class DDPStrategy:
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 
     def save_sharded(self, directory: Path) -> None:

@@ -35,7 +35,12 @@ from kd.data.transfer import labelled_share
 from kd.data.tuning import resolve_num_workers
 from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from kd.errors import DataError, Preempted, TeacherError, UserError, output_error
-from kd.guard import SkipTracker, StopRequest
+from kd.guard import (
+    SkipTracker,
+    StopRequest,
+    ignored_shutdown_timeout,
+    report_preemption_save,
+)
 from kd.metrics import build_metrics
 from kd.models import (
     build_input_norm,
@@ -87,13 +92,36 @@ def cpu_has_amx_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 on GPUs that support it (else fp16) and on CPUs with AMX, fp32 on other
-    CPUs."""
+    """``auto`` → bf16 on GPUs of compute capability 8.0 and later (else fp16) and on CPUs with
+    AMX, fp32 on other CPUs; the choice and its reason are logged."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_amx_bf16() else "fp32"
+        # Not torch.cuda.is_bf16_supported(): it counts emulation by default and says True on
+        # V100 (7.0) and T4 (7.5), whose tensor cores have no bf16.
+        capability = torch.cuda.get_device_capability(device)
+        choice = "bf16" if capability >= (8, 0) else "fp16"
+        log.info("train.precision=auto: %s (compute capability %d.%d: bf16 tensor cores from "
+                 "8.0)", choice, *capability)
+        return choice
+    choice = "bf16" if cpu_has_amx_bf16() else "fp32"
+    log.info("train.precision=auto: %s (%s)", choice,
+             "this CPU multiplies bf16 in hardware (AMX)" if choice == "bf16" else "no AMX")
+    return choice
+
+
+def maybe_enable_tf32(device: torch.device, enabled: bool) -> bool:
+    """TF32 for fp32 matrix multiplies on GPUs of compute capability 8.0 and later
+    (``train.tf32``); returns whether it is on. The cuDNN convolutions already default to it."""
+    if not enabled or device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    log.info("train.tf32: fp32 matrix multiplies use TF32 tensor cores")
+    return True
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -173,6 +201,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.dist, tc.device)
         self.device = self.dist.device
         self.precision = resolve_precision(tc.precision, self.device)
+        maybe_enable_tf32(self.device, tc.tf32)
         # 2. Data.
         self._build_data(cfg.data, cfg.student.kwargs.get("in_chans", 3))
         # 3. Models: the same seed on every rank gives the same student initialisation.
@@ -398,6 +427,8 @@ class Trainer:
         interval_start, interval_steps = time.perf_counter(), 0
         sampler = self.train_loader.batch_sampler
         stop = StopRequest(self.dist.is_distributed, cfg.dist.timeout_s)
+        if self.dist.is_main and (ignored := ignored_shutdown_timeout()):
+            log.warning(ignored)
         try:
             while self.step < self.total_steps:
                 epoch, done = divmod(self.step, self.steps_per_epoch)
@@ -429,7 +460,10 @@ class Trainer:
                         self.save_checkpoint()
                         interval_start = time.perf_counter()  # saving is not training time
                     if stop.should_stop():
+                        t_save = time.perf_counter()
                         path = self.save_checkpoint() if save else None
+                        if path is not None:
+                            log.warning(report_preemption_save(time.perf_counter() - t_save))
                         raise Preempted(stop.signal_name or "a stop signal", self.step,
                                         str(path) if path else None)
                 epoch_done = self.step % self.steps_per_epoch == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,7 +86,8 @@ class Killed(Exception):
     pass
 
 
-def test_sigterm_saves_at_the_step_boundary_and_the_resume_is_exact(tiny_teacher, tmp_path):
+def test_sigterm_saves_at_the_step_boundary_and_the_resume_is_exact(tiny_teacher, tmp_path,
+                                                                    caplog):
     straight = Trainer(tiny_config(tiny_teacher, tmp_path / "a"))
     straight.train()
 
@@ -99,6 +101,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_resume_is_exact(tiny_teacher
     assert stopped.value.step == 5 and stopped.value.exit_code == 75
     assert "SIGTERM" in str(stopped.value)
     assert (tmp_path / "b" / "checkpoints" / "step_00000005").is_dir()
+    assert re.search(r"preemption checkpoint saved in \d+\.\d s", caplog.text)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
     second = Trainer(tiny_config(tiny_teacher, tmp_path / "b"))
     assert second.step == 5
