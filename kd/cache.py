@@ -54,6 +54,7 @@ from omegaconf import OmegaConf
 
 from kd import __version__
 from kd.checkpoint import _fsync_dir, _sha256, atomic_write_text, save_weights
+from kd.data.batch import BatchPreparer
 from kd.errors import CacheError, ConfigError, output_error
 
 log = logging.getLogger("kd")
@@ -331,7 +332,6 @@ class CacheBuilder:
 
     def __init__(self, cfg: Any, epochs: int, top_k: int, out: Path) -> None:
         from kd.data.datasets import build_split
-        from kd.data.mix import build_mixup
         from kd.dist import init_distributed
         from kd.models import build_teacher, check_model_input, teacher_dtype
         from kd.trainer import resolve_precision
@@ -357,9 +357,9 @@ class CacheBuilder:
                           section="teacher", name=cfg.teacher.name, image_size=dc.image_size,
                           teacher_image_size=cfg.teacher.image_size, grey_to_rgb=dc.grey_to_rgb)
         self.teacher.to(self.device)
-        transfer = dc.transfer_set != "none"  # unlabelled images mix as an extra class
-        self.mixup = build_mixup(dc, dc.num_classes + 1 if transfer else dc.num_classes, 0.0)
-        self.transfer = transfer
+        # The trainer's own preparer: cached rows belong to exactly the images training mixes.
+        self.preparer = BatchPreparer(dc, cfg.seed, self.dist.rank, self.device,
+                                      cfg.train.label_smoothing)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         # The teacher as a live run holds it, so that cached and live logits agree.
         self.teacher.cast(teacher_dtype(cfg.teacher.dtype, self.precision))
@@ -410,7 +410,7 @@ class CacheBuilder:
     def rows_per_epoch(self) -> int:
         """Rows all ranks write per epoch."""
         n, b, w = len(self.train_set), self.cfg.data.batch_size, self.dist.world_size
-        return (n // (b * w)) * b * w if self.mixup is not None else n
+        return (n // (b * w)) * b * w if self.preparer.mixes else n
 
     def rank_rows_per_epoch(self) -> int:
         """Rows this rank writes per epoch."""
@@ -433,26 +433,23 @@ class CacheBuilder:
         """(indices, seeds, teacher input) per batch of this rank's share of ``epoch``."""
         from torch.utils.data import DataLoader
 
-        from kd.data.datasets import UNLABELLED, WithIndex, collate
-        from kd.data.mix import apply_mixup, mix_seed
+        from kd.data.datasets import WithIndex, collate
         from kd.task import teacher_input
 
         dc = self.cfg.data
         keys = rank_batches(len(self.train_set), dc.batch_size, self.cfg.seed, epoch,
-                            self.dist.rank, self.dist.world_size, self.mixup is not None)
+                            self.dist.rank, self.dist.world_size, self.preparer.mixes)
         workers = self.num_workers
         loader = DataLoader(WithIndex(self.train_set), batch_sampler=keys, collate_fn=collate,
                             num_workers=workers, prefetch_factor=dc.prefetch_factor if workers
                             else None, pin_memory=self.device.type == "cuda")
         for b, (images, targets, _bad, index) in enumerate(loader):
-            images = images.to(self.device, non_blocking=True)
-            if self.mixup is not None:
-                if self.transfer:
-                    targets = torch.where(targets == UNLABELLED, dc.num_classes, targets)
-                seed = mix_seed(self.cfg.seed, self.dist.rank, epoch, b)
-                images, _ = apply_mixup(self.mixup, images, targets.to(self.device), seed)
+            # With mixing, `keys` are this rank's training batches: b is the trainer's
+            # micro-batch index in the epoch, so the mix seeds agree.
+            batch = self.preparer(images, targets, epoch, b)
             seeds = torch.tensor([s for _, s in keys[b]], dtype=torch.int32)
-            yield index, seeds, teacher_input(self.teacher, images, self.cfg.teacher.image_size)
+            yield index, seeds, teacher_input(self.teacher, batch.images,
+                                              self.cfg.teacher.image_size)
 
     @torch.no_grad()
     def write_epoch(self, epoch: int, progress: Any) -> dict[str, Any]:

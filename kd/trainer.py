@@ -27,11 +27,10 @@ from kd import checkpoint as ckpt
 from kd.cache import TeacherCache, densify
 from kd.config import to_container, to_yaml
 from kd.data import build_eval_loader, build_train_loader
+from kd.data.batch import BatchPreparer
 from kd.data.datasets import build_split
-from kd.data.mix import apply_mixup, build_mixup, mix_seed
 from kd.data.stream import StreamBatchSampler
 from kd.data.subset import SubsetDataset, subset_record
-from kd.data.transfer import labelled_share
 from kd.data.tuning import resolve_num_workers
 from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from kd.errors import DataError, Preempted, TeacherError, UserError, output_error
@@ -227,8 +226,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
         # 5. Task: forward passes and loss terms.
         # With Mixup/CutMix, label smoothing is applied to the mixed targets by Mixup itself
-        # (except with a transfer set: see _build_data).
-        smoothing = 0.0 if self.mixup is not None and not self.transfer else tc.label_smoothing
+        # (except with a transfer set: see kd.data.batch).
+        smoothing = 0.0 if self.preparer.smooths_targets else tc.label_smoothing
         self.task = DistillationTask(self.strategy.model, self.student_norm, self.teacher,
                                      cfg.distill, smoothing, student_core=self.student_core,
                                      teacher_image_size=cfg.teacher.image_size,
@@ -268,12 +267,8 @@ class Trainer:
             dc.prefetch_factor, recorded_seeds=self.cache.seeds if self.cache else None)
         self.val_loader = build_eval_loader(self.val_set, dc.eval_batch_size or dc.batch_size,
                                             r, w, self.num_workers, pin, dc.prefetch_factor)
-        # With a transfer set, unlabelled images are mixed as an extra class (num_classes):
-        # after mixing, each image's labelled share is what is not in that class
-        # (kd.data.transfer.labelled_share), and the task applies label smoothing itself.
-        self.transfer = dc.transfer_set != "none"
-        self.mixup = build_mixup(dc, dc.num_classes + 1, 0.0) if self.transfer else \
-            build_mixup(dc, dc.num_classes, self.cfg.train.label_smoothing)
+        self.preparer = BatchPreparer(dc, self.cfg.seed, r, self.device,
+                                      self.cfg.train.label_smoothing)
         accum = self.cfg.train.grad_accum_steps
         self.steps_per_epoch = len(self.train_loader.batch_sampler) // accum
         if self.steps_per_epoch == 0:
@@ -520,17 +515,8 @@ class Trainer:
                 if bad:
                     self._count_bad(bad)
                 cached = self._cached_logits(data_epoch, index[0]) if self.cache else None
-                images = images.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
-                share = None
-                if self.transfer and self.mixup is not None:
-                    targets = torch.where(targets < 0, self.cfg.data.num_classes, targets)
-                if self.mixup is not None:
-                    seed = mix_seed(self.cfg.seed, self.dist.rank, data_epoch, done * accum + micro)
-                    images, targets = apply_mixup(self.mixup, images, targets, seed)
-                if self.transfer:
-                    targets, share = labelled_share(targets, self.cfg.data.num_classes)
-                x_student, x_teacher = task.prepare(images)
+                batch = self.preparer(images, targets, data_epoch, done * accum + micro)
+                x_student, x_teacher = task.prepare(batch.images)
             last = micro == accum - 1
             with self.strategy.maybe_no_sync(last):
                 with self._autocast():
@@ -539,8 +525,8 @@ class Trainer:
                     with timer.phase("student_forward"):
                         student_out = task.student_forward(x_student)
                     with timer.phase("loss"):
-                        terms = task.loss(student_out, teacher_logits, targets, epoch_float,
-                                          share)
+                        terms = task.loss(student_out, teacher_logits, batch.targets,
+                                          epoch_float, batch.share)
                 with timer.phase("backward"):
                     self.strategy.backward(terms["loss"], accum, last)
             for k, v in terms.items():

@@ -94,7 +94,7 @@ def test_mixup_and_cutmix_work_with_every_loss(tiny_teacher, tmp_path, loss, ext
                       "data.cutmix=1.0", "train.label_smoothing=0.1", "train.max_steps=6",
                       *extra)
     trainer = Trainer(cfg)
-    assert trainer.mixup is not None and trainer.task.label_smoothing == 0.0  # smoothed once
+    assert trainer.preparer.mixup is not None and trainer.task.label_smoothing == 0.0  # once
     seen_targets = []
     original = trainer.task.loss
 

@@ -129,7 +129,7 @@ def test_a_run_with_a_transfer_set_and_mixup_trains(tmp_path: Path) -> None:
         f"output_dir={tmp_path}"]))
     summary = trainer.train()
     assert summary["steps"] == 4 and summary["n_skipped_steps"] == 0
-    assert trainer.mixup.num_classes == 11  # 10 classes + "unlabelled"
+    assert trainer.preparer.mixup.num_classes == 11  # 10 classes + "unlabelled"
     assert (tmp_path / "labelled_subset.json").is_file()
 
 
