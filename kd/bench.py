@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import ConfigError, UserError, output_error
-from kd.trainer import autocast
+from kd.precision import autocast
 
 log = logging.getLogger("kd")
 

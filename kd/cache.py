@@ -56,6 +56,7 @@ from kd import __version__
 from kd.checkpoint import _fsync_dir, _sha256, atomic_write_text, save_weights
 from kd.data.batch import BatchPreparer
 from kd.errors import CacheError, ConfigError, output_error
+from kd.precision import autocast, resolve_precision
 
 log = logging.getLogger("kd")
 
@@ -334,7 +335,6 @@ class CacheBuilder:
         from kd.data.datasets import build_split
         from kd.dist import init_distributed
         from kd.models import build_teacher, check_model_input, teacher_dtype
-        from kd.trainer import resolve_precision
 
         self.cfg, self.epochs, self.out = cfg, epochs, out
         dc = cfg.data
@@ -480,8 +480,6 @@ class CacheBuilder:
         return record
 
     def _autocast(self) -> Any:
-        from kd.trainer import autocast
-
         return autocast(self.device, self.precision)
 
     def write_manifest(self, build_s: float) -> dict[str, Any]:

@@ -48,7 +48,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd.errors import UserError, output_error
-from kd.trainer import DTYPES, autocast
+from kd.precision import DTYPES, autocast
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3

@@ -10,7 +10,7 @@ import torch
 
 from kd.config import load_config
 from kd.models import build_student
-from kd.trainer import resolve_precision
+from kd.precision import resolve_precision
 from tests.conftest import TINY
 from tests.integration.conftest import (
     Run,
