@@ -694,7 +694,8 @@ def run_profile(trainer: Any, out_dir: str | Path,
         "rank": info.rank, "host": socket.gethostname(), "local_rank": info.local_rank,
         "steps": steps[active], "walls": walls[active], "first_step": trainer.step - n_steps,
         "ops": report.compact_ops(ops, keep=max(50, settings.top)),
-        "op_totals": report.op_totals(ops, ops_on, exclude=list(steps[0]) if steps else ()),
+        "op_totals": rank_op_totals(ops, ops_on, list(steps[0]) if steps else (),
+                                    out / f"trace_rank{info.rank}.json"),
         "memory": _memory(trainer, baseline, samples),
         "images_per_step": cfg.data.batch_size * cfg.train.grad_accum_steps,
         "samples": {"t": samples.t, "cpu": samples.cpu, "process": samples.process,
@@ -711,6 +712,26 @@ def run_profile(trainer: Any, out_dir: str | Path,
     (out / "profile.json").write_text(json.dumps(
         {"meta": meta, "analysis": analysis, "ranks": summaries}, indent=1, default=str) + "\n")
     return analysis
+
+
+def rank_op_totals(ops: list[dict[str, Any]], ops_on: str, exclude: Iterable[str],
+                   trace: Path) -> dict[str, float]:
+    """:func:`kd.report.op_totals`, with communication measured on the GPU timeline.
+
+    Where CUDA kernels were recorded, ``comm_s`` (NCCL kernel seconds) and ``exposed_comm_s``
+    (the part no compute kernel overlaps) come from this rank's Chrome trace
+    (:func:`kd.report.comm_exposure`): ``key_averages`` carries no timestamps, so it cannot
+    tell the all-reduces DDP hides behind backward from those the step waits for. On a CPU
+    (gloo) there are no device kernels; the totals stay as ``op_totals`` gives them, without
+    ``exposed_comm_s``, and the verdict counts all of the backend's time, as it always has.
+    """
+    from kd import report
+
+    totals = report.op_totals(ops, ops_on, exclude=list(exclude))
+    if ops_on == "cuda" and trace.is_file():
+        kernels = report.trace_kernels(json.loads(trace.read_text()))
+        totals.update(report.comm_exposure(kernels))
+    return totals
 
 
 def _measure_before_training(trainer: Any) -> dict[str, Any]:
