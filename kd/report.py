@@ -300,7 +300,9 @@ def op_totals(ops: Sequence[dict[str, Any]], device_type: str,
         return name in skip or name.startswith("ProfilerStep")
 
     if device_type == "cuda":
-        kernels = [o for o in ops if o["kind"] == "kernel"]
+        # kd's ranges and ProfilerStep# also show on the GPU timeline (gpu_user_annotation
+        # events, device type CUDA in key_averages), spanning the kernels they hold.
+        kernels = [o for o in ops if o["kind"] == "kernel" and not mine(o["name"])]
         comm = sum(o["self_device_s"] for o in kernels if is_comm_kernel(o["name"]))
         compute = sum(o["self_device_s"] for o in kernels if not is_comm_kernel(o["name"]))
         gemm = sum(o["device_total_s"] for o in ops

@@ -127,6 +127,19 @@ HIDDEN = [(GEMM, 7, 0, 30), (GEMM, 7, 30, 60), (ELEMENTWISE, 7, 60, 90),
 EXPOSED = [(GEMM, 7, 0, 40), (ELEMENTWISE, 7, 40, 70), (NCCL, 20, 50, 60), (NCCL, 20, 70, 95)]
 
 
+def test_kd_ranges_on_the_gpu_timeline_are_not_kernels() -> None:
+    # key_averages() lists record_function ranges seen on the GPU (gpu_user_annotation) with
+    # device type CUDA, like kernels: they span the kernels and must not count again.
+    def row(name: str, device_s: float) -> dict[str, Any]:
+        return {"name": name, "calls": 1, "kind": "kernel", "self_cpu_s": 0.0,
+                "cpu_total_s": 0.0, "self_device_s": device_s, "device_total_s": device_s}
+
+    ops = [row("ampere_bf16_gemm", 3.0), row("ncclDevKernel_AllReduce", 1.0),
+           row("backward", 4.0), row("ProfilerStep#7", 5.0)]
+    totals = report.op_totals(ops, "cuda", exclude=["backward"])
+    assert totals["compute_s"] == 3.0 and totals["comm_s"] == 1.0
+
+
 def test_trace_kernels_reads_kernels_only() -> None:
     kernels = trace_kernels(chrome_trace(EXPOSED, steps=1))
     assert [k["name"] for k in kernels] == [GEMM, ELEMENTWISE, NCCL, NCCL]
