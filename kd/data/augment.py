@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kd.errors import AugmentationError
@@ -129,12 +130,18 @@ def transform_steps(transform: Callable[[Any], Any]) -> list[Callable[[Any], Any
 
 
 def seeded(fn: Callable[[], Any], seed: int | None) -> Any:
-    """``fn()`` with Python's and torch's global generators seeded from ``seed`` for the call
-    and restored after (timm's transforms draw from both); ``None`` runs it as is."""
+    """``fn()`` with Python's, NumPy's and torch's global generators seeded from ``seed`` for the
+    call and restored after; ``None`` runs it as is.
+
+    timm's transforms draw from all three: crops and op magnitudes from ``random``, RandAugment's
+    and AugMix's choice of ops from ``np.random`` (timm/data/auto_augment.py), colour jitter and
+    erasing noise from torch.
+    """
     if seed is None:
         return fn()
-    state = random.getstate(), torch.get_rng_state()
+    state = random.getstate(), torch.get_rng_state(), np.random.get_state()
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     # The CPU generator only: torch.manual_seed would also reseed every CUDA generator (the
     # trainer's dropout stream, when the loader runs in the training process; nothing restores
     # it) and costs 0.085 ms a call here against 0.0014.
@@ -144,3 +151,4 @@ def seeded(fn: Callable[[], Any], seed: int | None) -> Any:
     finally:
         random.setstate(state[0])
         torch.set_rng_state(state[1])
+        np.random.set_state(state[2])

@@ -270,9 +270,10 @@ def transform_image(transform: Callable[[Any], Any], img: Any, seed: int | None,
     """Apply ``transform`` to a decoded PIL image of sample ``where``; with a seed, as a pure
     function of it.
 
-    timm's transforms draw from Python's ``random`` and torch's global generator: both are seeded
-    from ``seed`` for the call and restored after, so a sample's augmentation is the same in any
-    process, worker or restart, and the caller's random streams are untouched. A transform that
+    timm's transforms draw from the global generators of Python, NumPy and torch: all three are
+    seeded from ``seed`` for the call and restored after (:func:`kd.data.augment.seeded`), so a
+    sample's augmentation is the same in any process, worker or restart, and the caller's random
+    streams are untouched. A transform that
     raises is an :class:`~kd.errors.AugmentationError` naming ``where`` and the step (a bug, not
     an unreadable sample: ``data.on_error`` does not apply).
     """

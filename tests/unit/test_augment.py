@@ -198,3 +198,16 @@ def test_a_sample_read_in_the_training_process_keeps_the_cuda_rng() -> None:
     state = torch.cuda.get_rng_state()
     transform_image(build_image_transform(16, True, DEIT), photo(), 3, "x")
     assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w3-d2"])
+def test_augmentation_is_a_pure_function_of_the_seed(policy: str) -> None:
+    # RandAugment and AugMix choose their ops with NumPy's global generator: a sample's image
+    # must not depend on where that generator happens to be.
+    transform = build_image_transform(16, True, {**DEIT, "auto_augment": policy})
+    images = []
+    for numpy_state in range(8):
+        np.random.seed(numpy_state)
+        images.append(transform_image(transform, photo(), 3, "x"))
+        assert np.random.get_state()[1][0] == np.random.RandomState(numpy_state).get_state()[1][0]
+    assert all(torch.equal(images[0], other) for other in images[1:])
