@@ -286,8 +286,9 @@ class CheckpointConfig:
 @dataclass
 class DistConfig:
     backend: str = _field(
-        "auto", "Process-group backend. `auto`: `smddp` when SageMaker's data-parallel library "
-        "imports on GPUs, else `nccl` on GPUs, `gloo` on CPUs.")
+        "auto", "Process-group backend. `auto`: `smddp` when SageMaker's SMDDP launcher (its "
+        "mpirun, not torchrun) started the job on ml.p4d.24xlarge or ml.p4de.24xlarge and the "
+        "library imports; else `nccl` on GPUs, `gloo` on CPUs.")
     timeout_s: int = _field(1800, "Process-group timeout in seconds.")
     strategy: str = _field(
         "ddp", "`ddp`: DistributedDataParallel (with `optim.zero` for sharded optimizer state); "

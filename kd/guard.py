@@ -6,11 +6,24 @@ workers and kills them 30 s later). :class:`StopRequest` turns SIGTERM (and SIGU
 Slurm's ``--signal=USR1@120`` sends ahead of the time limit) into a flag; the trainer asks
 :meth:`StopRequest.should_stop` at every step boundary, saves a checkpoint and exits with
 :data:`~kd.errors.Preempted.exit_code`. A signal may reach one rank only, so the ranks agree
-through an all-reduce of their flags on a small gloo group of their own. The all-reduce is
-pipelined by one step (each call waits for the one started at the previous step, which has long
-finished), so it costs no device synchronisation and, in practice, no waiting: every rank sees
-the same flags at the same step and they all stop together, one step after the first of them
-was signalled.
+through an all-reduce of their flags. The all-reduce is pipelined by one step: each boundary
+reads the result of the one started at the previous boundary and starts the next, so every rank
+sees the same flags at the same step and they all stop together, one step after the first of
+them was signalled. Where the flags travel depends on the default group's backend:
+
+- **gloo and NCCL:** on a small gloo group of their own, as host tensors: no device work, no
+  interleaving with the gradient all-reduces, and no waiting (the all-reduce read at a boundary
+  was started a whole step earlier).
+- **smddp** (SageMaker's data-parallel library): AWS documents that it supports neither
+  ``new_group()`` nor a second backend beside it
+  (https://docs.aws.amazon.com/sagemaker/latest/dg/data-parallel-modify-sdp-pt.html), so the
+  flags go through the default group as a one-element device tensor. A boundary waits for the
+  copy of the previous boundary's result to the host (a CUDA event), that is for the device to
+  finish the previous step; the CPU can still prepare the next step while the device runs the
+  current one. The cost: one 4-byte all-reduce per step and a host that runs at most one step
+  ahead of the device. A store-based flag was the alternative; it needs a round trip to the
+  store host per rank and step, and a blocking handshake to make every rank stop at the same
+  step, since ranks reach a boundary at different times.
 
 **Non-finite steps.** :class:`SkipTracker` keeps, on the device, the number of optimizer steps
 skipped because the loss or the gradients were not finite, the longest run of consecutive skips
@@ -26,6 +39,7 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
+from datetime import timedelta
 from types import FrameType
 from typing import Any
 
@@ -40,8 +54,88 @@ log = logging.getLogger("kd")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+# Backends that allow no process group beside the default one (see the module docstring).
+SINGLE_GROUP_BACKENDS = ("smddp",)
+
+
+class _GlooFlags:
+    """Stop flags all-reduced as host tensors on a gloo group of their own."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def start(self, flag: bool) -> None:
+        flags = torch.tensor([int(flag)], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
+
+    def result(self) -> bool:
+        """Whether any rank's flag was up in the all-reduce started last (False: none yet)."""
+        if self._pending is None:
+            return False
+        work, flags = self._pending
+        work.wait()
+        return bool(flags.item())  # a CPU tensor: no device synchronisation
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+class _DefaultGroupFlags:
+    """Stop flags all-reduced as a device tensor on the default group (for smddp)."""
+
+    def __init__(self, device: torch.device) -> None:
+        # float32: integer reductions may not be offered by every backend; a sum of 0/1 flags is
+        # exact in float32 up to 2**24 ranks.
+        self.flags = torch.zeros(1, dtype=torch.float32, device=device)
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.float32, pin_memory=self.cuda)
+        self.copied = torch.cuda.Event() if self.cuda else None
+        self._work: Any = None  # the CPU all-reduce in flight
+        self._pending = False
+
+    def start(self, flag: bool) -> None:
+        # fill_ with a Python number launches a kernel; torch.tensor(..., device=cuda) would be a
+        # blocking copy from pageable host memory.
+        self.flags.fill_(float(flag))
+        work = dist.all_reduce(self.flags, async_op=True)
+        if self.copied is not None:
+            # On CUDA, wait() only makes the current stream wait for the collective; the host
+            # goes on (torch.distributed.Work.wait's docstring: without a timeout it is
+            # synchronize(), the current stream blocking on the work). The copy then lands in
+            # pinned memory in stream order, and the event marks it.
+            work.wait()
+            self.host.copy_(self.flags, non_blocking=True)
+            self.copied.record()
+        else:
+            self._work = work
+        self._pending = True
+
+    def result(self) -> bool:
+        if not self._pending:
+            return False
+        if self.copied is not None:
+            self.copied.synchronize()  # the device is done with the previous boundary
+            return bool(self.host.item())  # pinned host memory: no device synchronisation
+        self._work.wait()
+        return bool(self.flags.item())  # a CPU tensor
+
+    def finish(self) -> None:
+        self.result()
+        self._pending, self._work = False, None
+
+
 class StopRequest:
     """A stop flag raised by SIGTERM/SIGUSR1, agreed on by all ranks at step boundaries.
+
+    Args:
+        distributed: whether a process group is up (several ranks must agree).
+        timeout_s: timeout of the gloo group the flags travel on (``dist.timeout_s``).
+        device: this rank's device; used only when the default group's backend allows no second
+            group (smddp), where the flags travel as a device tensor. Default: the current CUDA
+            device if CUDA is available, else the CPU.
 
     Example:
         >>> stop = StopRequest(distributed=False)
@@ -52,21 +146,28 @@ class StopRequest:
         >>> stop.close()
     """
 
-    def __init__(self, distributed: bool, timeout_s: float = 1800.0) -> None:
+    def __init__(self, distributed: bool, timeout_s: float = 1800.0,
+                 device: torch.device | None = None) -> None:
         self.flag = False
         self.signal_name: str | None = None
-        self.group = None
-        self._pending: tuple[Any, torch.Tensor] | None = None
+        self._exchange: _GlooFlags | _DefaultGroupFlags | None = None
         self._previous: dict[int, Any] = {}
         if distributed:
-            from datetime import timedelta
-
-            # Host-side flags on a gloo group of their own: no device tensors, no interleaving
-            # with the gradient all-reduces of the default group.
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            if dist.get_backend() in SINGLE_GROUP_BACKENDS:
+                if device is None:
+                    device = (torch.device("cuda", torch.cuda.current_device())
+                              if torch.cuda.is_available() else torch.device("cpu"))
+                self._exchange = _DefaultGroupFlags(device)
+            else:
+                self._exchange = _GlooFlags(timeout_s)
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
+
+    @property
+    def group(self) -> Any:
+        """The gloo group the flags travel on; None in one process or on the default group."""
+        return getattr(self._exchange, "group", None)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.request(signum)
@@ -82,27 +183,21 @@ class StopRequest:
 
     def should_stop(self) -> bool:
         """True on every rank at once if any rank was signalled (see the module docstring)."""
-        if self.group is None:
+        if self._exchange is None:
             return self.flag
-        stop = False
-        if self._pending is not None:
-            work, flags = self._pending
-            work.wait()
-            stop = bool(flags.item())  # a CPU tensor: no device synchronisation
-        flags = torch.tensor([int(self.flag)], dtype=torch.int32)
-        self._pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
+        stop = self._exchange.result()
+        self._exchange.start(self.flag)
         if stop and self.signal_name is None:
             self.signal_name = "a stop signal on another rank"
         return stop
 
     def close(self) -> None:
         """Finish the pending all-reduce and restore the previous signal handlers."""
-        if self._pending is not None:
+        if self._exchange is not None:
             try:
-                self._pending[0].wait()
+                self._exchange.finish()
             except RuntimeError:  # the group is already broken: nothing left to agree on
                 pass
-            self._pending = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd.errors import UserError, output_error
 from kd.precision import DTYPES, autocast
+from kd.strategy import deepspeed_bucket_size
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3
@@ -311,11 +312,27 @@ def training_setup(cfg: Any) -> TrainingSetup:
                          zero_stage=int(cfg.dist.zero_stage) if deepspeed else 1)
 
 
+def deepspeed_buffer_bytes(trainable_params: int, world_size: int) -> dict[str, float]:
+    """What DeepSpeed's ZeRO-1/2 optimizer allocates beyond weights, gradients and optimizer
+    state, for kd's fp32 weights (deepspeed/runtime/zero/stage_1_and_2.py):
+
+    - the reduce bucket: ``reduce_bucket_size`` fp32 elements, allocated whole at the first
+      gradient (``setup_buckets``), as kd sizes it (:func:`kd.strategy.deepspeed_bucket_size`);
+    - its fp32 copy of this rank's partition of the weights, made even when the weights are fp32
+      already (``single_partition_of_fp32_groups``: a ``clone()`` of the partition).
+
+    The all-gather bucket allocates nothing (see :func:`kd.strategy.deepspeed_bucket_size`).
+    """
+    bucket = deepspeed_bucket_size(trainable_params, world_size)
+    return {"reduce_bucket": 4.0 * bucket,
+            "fp32_partition": 4.0 * math.ceil(trainable_params / world_size)}
+
+
 def memory_per_gpu(m: ModelMeasurement, setup: TrainingSetup, world_size: int, sharded: bool,
                    budget: float) -> dict[str, Any]:
     """One GPU's memory: static tensors, activations and the largest batch within ``budget``."""
     shard_grads = sharded and setup.strategy == "deepspeed" and setup.zero_stage >= 2
-    rows = {
+    rows: dict[str, float] = {
         "student_weights": float(m.student_bytes),
         "gradients": m.gradient_bytes / world_size if shard_grads else float(m.gradient_bytes),
         # No bucket copy: kd's DDP keeps gradients as views into its all-reduce buckets
@@ -326,6 +343,10 @@ def memory_per_gpu(m: ModelMeasurement, setup: TrainingSetup, world_size: int, s
                                                  world_size, sharded),
         "teacher_weights": float(m.teacher_bytes),
     }
+    if setup.strategy == "deepspeed":
+        # Only DeepSpeed's column: the one without ZeRO is what DDP would hold.
+        rows["deepspeed_buffers"] = sum(deepspeed_buffer_bytes(
+            m.trainable_params, world_size).values()) if sharded else 0.0
     static = sum(rows.values())
     per_image, fixed = m.activation_bytes_per_image, m.activation_bytes_fixed
     needed = static + fixed + setup.batch_size * per_image
@@ -382,9 +403,13 @@ def build_plan(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup,
         times["at_largest_batch"] = step_time(m, setup, cluster, chosen["largest_batch"], mfu,
                                               peak)
     zero_label = f"ZeRO-{setup.zero_stage}" if setup.strategy == "deepspeed" else "ZeRO-1"
+    extra = {}
+    if setup.strategy == "deepspeed":
+        extra = {"deepspeed_bucket_elements": deepspeed_bucket_size(m.trainable_params, world),
+                 "deepspeed_buffers": deepspeed_buffer_bytes(m.trainable_params, world)}
     return {
         "setup": {**dataclasses.asdict(setup), "matmul_precision": matmul,
-                  "zero_label": zero_label, "memory_column": column},
+                  "zero_label": zero_label, "memory_column": column, **extra},
         "cluster": {"gpu": gpu.key, "gpu_name": gpu.device_name,
                     "memory_bytes": gpu.memory_bytes, "nodes": cluster.nodes,
                     "gpus_per_node": cluster.gpus_per_node, "world_size": world,
@@ -438,7 +463,11 @@ def assumptions(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup, mat
                    "(ZeroRedundancyOptimizer assigns whole tensors, so ranks differ a little)"
                    + (f"; ZeRO-{setup.zero_stage} with DeepSpeed"
                       + (" splits the gradients too" if setup.zero_stage >= 2 else "")
-                      + "; DeepSpeed's own buffers are not counted"
+                      + f"; DeepSpeed's buffers counted: its reduce bucket, "
+                      f"{deepspeed_bucket_size(m.trainable_params, world):,} fp32 elements as "
+                      f"kd sizes it (the student's gradients over the ranks, at least 25 MiB, "
+                      f"at most all of them), and its fp32 copy of this rank's share of the "
+                      f"weights"
                       if setup.strategy == "deepspeed" else ""))
         out.append(f"gradient sync: ring all-reduce, 2·(N−1)/N × fp32 gradient bytes per "
                    f"optimizer step at the full rate of the {cluster.ring_link()[1]} "
@@ -772,8 +801,13 @@ def print_plan(plan: dict[str, Any], console: Any = None) -> None:
          f"{m['teacher_params'] / 1e6:,.2f} M params, "
          f"{DTYPE_NAMES.get(m['teacher_dtype'], m['teacher_dtype'])}, frozen" if m["teacher"]
          else "no teacher in memory"),
-        ("static total", "static", ""),
     ]
+    if "deepspeed_buffers" in w:
+        ds = s["deepspeed_buffers"]
+        rows.append(("DeepSpeed buffers", "deepspeed_buffers",
+                     f"reduce bucket {format_bytes(ds['reduce_bucket'])} + fp32 weight "
+                     f"partition {format_bytes(ds['fp32_partition'])}"))
+    rows.append(("static total", "static", ""))
     for label, key, note in rows:
         table.add_row(label, format_bytes(w[key]), format_bytes(z[key]), note)
     table.add_row("activations per image", format_bytes(w["activations_per_image"]),

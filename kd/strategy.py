@@ -13,6 +13,7 @@ The teacher is never handed to either: it stays a frozen replica on every rank.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,20 +111,59 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+# DeepSpeed's default reduce_bucket_size and allgather_bucket_size, in elements
+# (deepspeed/runtime/zero/config.py: 5e8).
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+# torch DDP's default bucket, 25 MiB (torch/nn/parallel/distributed.py, _DEFAULT_BUCKET_CAP_MB):
+# the size PyTorch uses so that each collective moves enough bytes to run at full bandwidth.
+DDP_BUCKET_BYTES = 25 * 1024**2
+
+
+def deepspeed_bucket_size(trainable_params: int, world_size: int) -> int:
+    """``reduce_bucket_size`` (and ``allgather_bucket_size``) for a student, in elements.
+
+    The student's gradients divided by the world size (one rank's ZeRO partition), but at least
+    DDP's 25 MiB of fp32 and at most the student's gradients or DeepSpeed's 5e8; rounded up to
+    even, the NCCL alignment DeepSpeed asserts.
+
+    Why: with ``contiguous_gradients`` ZeRO-1 and -2 allocate the reduce bucket whole, on the
+    device and in the parameters' dtype (fp32 under kd's autocast), at the first gradient of a
+    step (``setup_buckets`` in deepspeed/runtime/zero/stage_1_and_2.py; a second one with
+    ``overlap_comm``, which kd leaves off). At the default that is 2 GB (1.86 GiB) per GPU even
+    for a 5.7 M-parameter ViT-Ti. A bucket larger than the student's gradients is never filled;
+    one of the gradients' size would still cancel what ZeRO-2 saves (each rank keeps only its
+    partition of the gradients, P/N, but the bucket would hold P). Partition-sized, the bucket
+    costs no more than the gradients ZeRO-2 keeps, and at ZeRO-1 (full gradients) it lowers the
+    end-of-backward peak from 2P to P + P/N. The 25 MiB floor keeps each reduction of a large
+    world out of the latency-bound regime; the reductions are at most N per step. The all-gather
+    bucket allocates nothing (it cuts the all-gather of updated weights into views, and the
+    all_gather_into_tensor path ignores it: ``all_gather_dp_groups`` in
+    deepspeed/runtime/utils.py); it gets the same size so that no default-sized figure remains.
+    """
+    params = max(1, trainable_params)
+    floor = DDP_BUCKET_BYTES // 4  # fp32 elements
+    size = min(DEEPSPEED_DEFAULT_BUCKET, params, max(-(-params // max(1, world_size)), floor))
+    return size + size % 2
+
+
 def deepspeed_config(batch_size: int, accum_steps: int, world_size: int,
-                     grad_clip: float | None, zero_stage: int) -> dict[str, Any]:
+                     grad_clip: float | None, zero_stage: int, *,
+                     trainable_params: int) -> dict[str, Any]:
     """The DeepSpeed config kd generates from its own.
 
     Mixed precision is not configured here: kd runs the forward passes under its own autocast
-    (fp32 master weights and gradients, bf16 matmuls), exactly as with DDP.
+    (fp32 master weights and gradients, bf16 matmuls), exactly as with DDP. The ZeRO buckets are
+    sized from the student (:func:`deepspeed_bucket_size`).
     """
+    bucket = deepspeed_bucket_size(trainable_params, world_size)
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": accum_steps,
         "train_batch_size": batch_size * accum_steps * world_size,
         "gradient_clipping": float(grad_clip or 0.0),
         "zero_optimization": {"stage": zero_stage, "overlap_comm": False,
-                              "contiguous_gradients": True},
+                              "contiguous_gradients": True, "reduce_bucket_size": bucket,
+                              "allgather_bucket_size": bucket},
         "zero_allow_untested_optimizer": True,  # timm's optimizers are plain torch optimizers
         "steps_per_print": 2**31 - 1,  # kd logs
         "wall_clock_breakdown": False,
@@ -155,8 +195,12 @@ class DeepSpeedStrategy:
         if not dist.is_initialized():  # DeepSpeed always wants a process group, even of one
             backend = "nccl" if info.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # DeepSpeed reads LOCAL_RANK from the environment and asserts it is set, which no
+        # launcher does for a single `kd train` process.
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.config = deepspeed_config(batch_size, accum_steps, info.world_size, grad_clip,
-                                       zero_stage)
+                                       zero_stage, trainable_params=trainable)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False)
         self.core, self.model = model, self.engine

@@ -369,7 +369,7 @@ class Trainer:
         sums = torch.zeros(5, device=self.device)
         interval_start, interval_steps = time.perf_counter(), 0
         sampler = self.train_loader.batch_sampler
-        stop = StopRequest(self.dist.is_distributed, cfg.dist.timeout_s)
+        stop = StopRequest(self.dist.is_distributed, cfg.dist.timeout_s, device=self.device)
         if self.dist.is_main and (ignored := ignored_shutdown_timeout()):
             log.warning(ignored)
         try:

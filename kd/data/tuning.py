@@ -4,10 +4,18 @@ Too few workers starve the accelerator; too many oversubscribe the CPUs, and the
 itself slows down (one team's backward pass swung between 8 s and 30 s until they *lowered*
 ``num_workers``). So kd measures instead of guessing.
 
-**The cap.** Workers per rank are capped by the CPUs each local rank can have
-(``cpu_count // local_world_size``, counting this process's CPU affinity set, or the container's
-CPU quota where that is lower), minus one for the main process, which runs the training loop and,
-on GPUs, feeds the device and the collectives.
+**The cap.** Workers per rank are capped by the CPUs each local rank can have, minus one for the
+main process, which runs the training loop and, on GPUs, feeds the device and the collectives.
+The CPUs of a rank (:func:`cpus_per_rank`) are its CPU affinity set, divided among the local
+ranks only as far as they share it: torchrun's workers inherit one set, the node's, while
+``srun`` with one task per GPU (and ``mpirun`` with its default binding) give each rank its own
+CPUs, already a share of the node, which kd must not divide again (that gave 0 workers). So the
+number of ranks sharing the set is estimated from its size: ``local_world_size`` × set / node,
+rounded, between 1 and ``local_world_size``, the node being the CPUs the job has on this machine
+(:func:`node_cpus`: Slurm's count, a container's or job's cpuset, or every CPU). Whole node: all
+ranks share it; one rank's share or less: its own; a socket of a two-socket node: half the
+ranks. A CPU quota (Docker's ``--cpus``, Kubernetes limits), shared by the whole container, is
+divided among all local ranks and caps the result.
 
 **``auto``** (:func:`resolve_num_workers`) runs a short sweep at start-up through the real loader
 path (:func:`kd.data.build_train_loader` with the real dataset, transform and collate):
@@ -50,7 +58,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +109,51 @@ def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
+def _parse_cpu_list(text: str) -> int:
+    """The number of CPUs in a kernel CPU list such as ``0-3,8,10-11``."""
+    count = 0
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            count += int(last or first) - int(first) + 1
+    return count
+
+
+def node_cpus(env: Mapping[str, str] | None = None, root: Path = Path("/sys/fs/cgroup"),
+              self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this job has on this node: Slurm's ``SLURM_CPUS_ON_NODE`` (the job's share of a
+    node it may share with other jobs), else the cpuset of this process's cgroup (a container
+    limited by ``--cpuset-cpus``, Kubernetes' static CPU manager, a batch system's job cgroup),
+    else every online CPU."""
+    env = os.environ if env is None else env
+    slurm = env.get("SLURM_CPUS_ON_NODE", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    files = []
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:  # "0::/path" (cgroup v2), "3:cpuset:/path" (v1)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            files.append(root / path.lstrip("/") / "cpuset.cpus.effective")
+        elif "cpuset" in controllers.split(","):
+            files.append(root / "cpuset" / path.lstrip("/") / "cpuset.effective_cpus")
+    files += [root / "cpuset.cpus.effective", root / "cpuset" / "cpuset.effective_cpus"]
+    for file in files:
+        try:
+            count = _parse_cpu_list(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if count > 0:
+            return count
+    return os.cpu_count() or 1
+
+
 def cpu_budget() -> int:
     """CPUs this process may keep busy: its affinity set, or the container's quota if lower."""
     cpus = len(available_cpus())
@@ -108,9 +161,31 @@ def cpu_budget() -> int:
     return max(1, min(cpus, math.floor(limit))) if limit is not None else cpus
 
 
+def ranks_sharing_cpus(local_world_size: int, cpus: int | None = None,
+                       node: int | None = None) -> int:
+    """How many local ranks share this process's affinity set (see the module docstring).
+
+    The whole node's CPUs: all ``local_world_size`` ranks (torchrun, a bare ``mpirun``). One
+    rank's share of the node or less: this rank alone (``srun`` binding each task to its
+    CPUs). In between, a set bound per socket or NUMA node, the ranks bound to it.
+    """
+    lws = max(1, local_world_size)
+    cpus = len(available_cpus()) if cpus is None else cpus
+    node = node_cpus() if node is None else node
+    return min(lws, max(1, round(cpus * lws / max(cpus, node))))
+
+
 def cpus_per_rank(local_world_size: int) -> int:
-    """CPUs this process may use: its CPU budget shared among the ranks of this node."""
-    return max(1, cpu_budget() // max(1, local_world_size))
+    """CPUs this process may use: its affinity set shared among the local ranks that share it
+    (not among all of them when the launcher gave each rank its own CPUs), and the container's
+    CPU quota shared among all local ranks."""
+    lws = max(1, local_world_size)
+    cpus = len(available_cpus())
+    share = cpus // ranks_sharing_cpus(lws, cpus)
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        share = min(share, max(1, math.floor(limit)) // lws)
+    return max(1, share)
 
 
 def max_workers(local_world_size: int) -> int:
@@ -378,6 +453,7 @@ def cache_fields(local_world_size: int, cache_key: dict[str, Any]) -> dict[str, 
 
     return {"version": CACHE_VERSION, "host": socket.gethostname(), "cpu_count": os.cpu_count(),
             "cpus": cpu_budget(), "local_world_size": local_world_size,
+            "cpus_per_rank": cpus_per_rank(local_world_size),
             "torch": torch.__version__, "data": _hash(cache_key)}
 
 
@@ -581,9 +657,9 @@ def resolve_num_workers(setting: int | str, dataset: Any, batch_size: int,
         cap = max_workers(local_world_size)
         if setting > cap:
             log.warning("data.num_workers=%d is more than this rank's CPUs allow (%d CPUs for "
-                        "each of %d local rank(s), one kept for the training process: at most "
-                        "%d workers); too many workers saturate the CPUs and slow the training "
-                        "step itself; consider data.num_workers=auto", setting,
+                        "this rank, one of %d on this node, one kept for the training process: "
+                        "at most %d workers); too many workers saturate the CPUs and slow the "
+                        "training step itself; consider data.num_workers=auto", setting,
                         cpus_per_rank(local_world_size), local_world_size, cap)
         return setting
     if setting != "auto":

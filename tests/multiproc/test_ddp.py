@@ -71,13 +71,26 @@ def test_zero_checkpoint_resumes_at_another_world_size(base, reference, tmp_path
 
 
 SMDDP_STANDIN = '''
-"""Stand-in for SageMaker's SMDDP: registers an "smddp" backend that is really gloo."""
+"""Stand-in for SageMaker's SMDDP: registers an "smddp" backend that is really gloo, and refuses
+what AWS documents the real one cannot do: a second process group (new_group), which is also the
+only way to run another backend beside it
+(https://docs.aws.amazon.com/sagemaker/latest/dg/data-parallel-modify-sdp-pt.html)."""
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 def _create(store, rank, world_size, timeout):
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 dist.Backend.register_backend("smddp", _create, devices=["cpu"])
+
+_new_group = c10d.new_group
+
+def _refuse_new_group(*args, **kwargs):
+    if dist.is_initialized() and dist.get_backend() == "smddp":
+        raise RuntimeError("smddp stand-in: new_group() is not supported by the smddp backend")
+    return _new_group(*args, **kwargs)
+
+dist.new_group = c10d.new_group = _refuse_new_group
 '''
 
 

@@ -54,6 +54,102 @@ def test_ranks_agree_one_step_after_any_of_them_is_signalled(tmp_path: Path) -> 
     assert results[1][1] == "SIGTERM" and results[0][1] == "a stop signal on another rank"
 
 
+def _agree_on_the_default_group(rank: int, world: int, store_path: str, results: dict) -> None:
+    """As _agree, under a stand-in "smddp" backend that, like SageMaker's, allows no second
+    process group."""
+    def create(store, rank, size, timeout):
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("smddp supports no new_group()")
+
+    dist.Backend.register_backend("smddp", create, devices=["cpu"])
+    dist.new_group = refuse
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("smddp", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    stop = StopRequest(distributed=True, timeout_s=60)
+    answers = []
+    for call in range(6):
+        if rank == 0 and call == 2:
+            stop.request(signal.SIGUSR1)
+        answers.append(stop.should_stop())
+    stop.close()
+    results[rank] = (answers, stop.signal_name, stop.group)
+    dist.destroy_process_group()
+
+
+def test_under_smddp_the_ranks_agree_on_the_default_group(tmp_path: Path) -> None:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agree_on_the_default_group, args=(2, str(tmp_path / "store"), results),
+                 nprocs=2, join=True)
+        results = dict(results)
+    assert results[0][0] == results[1][0] == [False, False, False, True, True, True]
+    assert results[0][1] == "SIGUSR1" and results[1][1] == "a stop signal on another rank"
+    assert results[0][2] is None and results[1][2] is None  # no group of its own
+
+
+class _FakeWork:
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def wait(self) -> bool:
+        self.waits += 1
+        return True
+
+
+def test_the_default_group_path_issues_one_all_reduce_per_boundary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The smddp path's bookkeeping, in one process: never new_group, one all-reduce of the
+    default group per step boundary, its result read at the next boundary."""
+    calls = []
+
+    def all_reduce(tensor: torch.Tensor, op=None, group=None, async_op=False) -> _FakeWork:
+        calls.append((float(tensor.item()), group))
+        tensor.mul_(2)  # "another rank" with the same flag
+        return _FakeWork()
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "smddp")
+    monkeypatch.setattr(dist, "new_group", lambda *a, **k: pytest.fail("new_group under smddp"))
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    stop = StopRequest(distributed=True, device=torch.device("cpu"))
+    assert [stop.should_stop(), stop.should_stop()] == [False, False]
+    stop.request(signal.SIGTERM)
+    assert [stop.should_stop(), stop.should_stop()] == [False, True]
+    stop.close()
+    assert calls == [(0.0, None), (0.0, None), (1.0, None), (1.0, None)]
+
+
+@pytest.mark.gpu
+def test_the_default_group_path_on_cuda_waits_for_the_previous_step_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The smddp path on a real CUDA collective (NCCL, one rank, forced onto the default-group
+    path): a boundary waits for the device to finish the step before the previous boundary,
+    never for the step just queued, and the flags still arrive one boundary late."""
+    import time
+
+    import kd.guard
+
+    monkeypatch.setattr(kd.guard, "SINGLE_GROUP_BACKENDS", ("nccl",))
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device)
+    try:
+        stop = StopRequest(distributed=True, device=device)
+        assert stop.group is None
+        assert not stop.should_stop()
+        torch.cuda._sleep(2_000_000_000)  # a long "step" on the device (~1 s; no public API)
+        stop.request(signal.SIGTERM)
+        start = time.perf_counter()
+        assert not stop.should_stop()  # reads the boundary before the step: no wait
+        assert time.perf_counter() - start < 0.2
+        assert stop.should_stop()  # waits for the step, then sees the flag
+        stop.close()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_skip_tracker_counts_streaks_and_stops_past_the_limit() -> None:
     tracker = SkipTracker(torch.device("cpu"), max_consecutive=3)
     terms = torch.tensor([1.0, 0.5, 0.5, 2.0])

@@ -158,6 +158,13 @@ def test_smddp_request(sm: ModuleType) -> None:
     assert custom["AlgorithmSpecification"]["TrainingImage"] == image
 
 
+def test_smddp_instances_agree_with_kds_automatic_choice(sm: ModuleType) -> None:
+    """--smddp is offered on the instances where dist.backend=auto would pick smddp."""
+    from kd.dist import SMDDP_INSTANCE_TYPES
+
+    assert set(sm.SMDDP_INSTANCE_TYPES) == set(SMDDP_INSTANCE_TYPES)
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--smddp", "--instance-type", "ml.p5.48xlarge"], "--smddp needs --instance-type"),
     (["--smddp", "--instance-type", "ml.g5.48xlarge"], "--smddp needs --instance-type"),

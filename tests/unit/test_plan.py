@@ -136,9 +136,49 @@ def test_zero_and_deepspeed_columns() -> None:
         batch_size=8, strategy="deepspeed", zero=True, zero_stage=2))
     assert ds2["setup"]["zero_label"] == "ZeRO-2"
     assert ds2["memory"]["with_zero"]["gradients"] == 4 * p / 8
+    assert "deepspeed_buffers" not in zero1["memory"]["with_zero"]  # DDP: none
     one = build_plan(measurement(p), resolve_cluster("h100", gpus_per_node=1),
                      TrainingSetup(batch_size=8))
     assert one["time"]["at_batch_size"]["comm_s"] == 0
+
+
+@pytest.mark.parametrize(("params", "gpus", "bucket"), [
+    (1_000_000, 8, 1_000_000),  # the whole student: under the 25 MiB floor
+    (300_000_000, 8, 37_500_000),  # a ViT-L-sized student: its ZeRO partition
+])
+def test_deepspeed_buffers_are_counted(params: int, gpus: int, bucket: int) -> None:
+    """DeepSpeed's reduce bucket (as kd sizes it) and its fp32 copy of the weight partition are
+    in the DeepSpeed column, and in what fits."""
+    cluster = resolve_cluster("h100", nodes=1, gpus_per_node=gpus)
+    m = measurement(params)
+    ddp = build_plan(m, cluster, TrainingSetup(batch_size=8, zero=True))["memory"]["with_zero"]
+    plan = build_plan(m, cluster, TrainingSetup(batch_size=8, strategy="deepspeed", zero=True,
+                                                zero_stage=1))
+    plain, ds = plan["memory"]["without_zero"], plan["memory"]["with_zero"]
+    assert plan["setup"]["deepspeed_bucket_elements"] == bucket
+    assert plan["setup"]["deepspeed_buffers"] == {"reduce_bucket": 4 * bucket,
+                                                  "fp32_partition": 4 * params / gpus}
+    assert ds["deepspeed_buffers"] == 4 * bucket + 4 * params / gpus
+    assert plain["deepspeed_buffers"] == 0  # the column without ZeRO is plain DDP
+    assert ds["static"] == ddp["static"] + ds["deepspeed_buffers"]
+    assert ds["needed_at_batch"] == ddp["needed_at_batch"] + ds["deepspeed_buffers"]
+    assert any("reduce bucket" in line for line in plan["assumptions"])
+
+
+def test_the_printed_plan_has_a_deepspeed_row() -> None:
+    import io
+
+    from rich.console import Console
+
+    from kd.plan import print_plan
+
+    cluster = resolve_cluster("a100-40gb", nodes=1)
+    plan = build_plan(measurement(5_717_416), cluster, TrainingSetup(
+        batch_size=8, strategy="deepspeed", zero=True, zero_stage=2))
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=140))
+    assert "DeepSpeed buffers" in out.getvalue()
+    assert "reduce bucket 21.81 MiB" in out.getvalue()
 
 
 def test_mfu_must_be_a_fraction() -> None:

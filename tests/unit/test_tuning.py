@@ -160,6 +160,7 @@ def test_invalid_setting_is_a_user_error(tmp_path: Path) -> None:
 
 def test_max_workers_leaves_a_cpu_to_the_main_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tuning, "available_cpus", lambda: list(range(16)))
+    monkeypatch.setattr(tuning, "node_cpus", lambda: 16)
     monkeypatch.setattr(tuning, "_cgroup_cpu_limit", lambda: None)
     assert tuning.max_workers(1) == 15
     assert tuning.max_workers(4) == 3  # 16 CPUs shared by 4 ranks
@@ -167,6 +168,62 @@ def test_max_workers_leaves_a_cpu_to_the_main_process(monkeypatch: pytest.Monkey
     assert tuning.cpus_per_rank(64) == 1
     monkeypatch.setattr(tuning, "_cgroup_cpu_limit", lambda: 4.5)  # a container's quota
     assert tuning.cpu_budget() == 4 and tuning.max_workers(1) == 3
+    assert tuning.cpus_per_rank(2) == 2  # the quota is shared by the ranks too
+
+
+# A p4d.24xlarge: 96 vCPUs, 8 GPUs, one rank per GPU.
+@pytest.mark.parametrize(("affinity", "env", "expected"), [
+    # srun --ntasks-per-node=8 --cpus-per-task=12: each task is bound to its own 12 CPUs
+    (range(12, 24), {"SLURM_PROCID": "1", "SLURM_NTASKS_PER_NODE": "8",
+                     "SLURM_CPUS_ON_NODE": "96"}, 12),
+    # torchrun (or srun + torchrun): the 8 workers share the node's set
+    (range(96), {"SLURM_CPUS_ON_NODE": "96"}, 12),
+    (range(96), {}, 12),
+    # torchrun in a quarter of a shared node (sbatch --cpus-per-task=24): 8 workers share 24
+    (range(24), {"SLURM_CPUS_ON_NODE": "24"}, 3),
+    # mpirun's default binding to a socket: 4 ranks on each of 2 sockets
+    (range(48), {}, 12),
+    # mpirun --bind-to core, 2 hardware threads each
+    ((5, 53), {}, 2),
+], ids=["srun-per-task", "torchrun-slurm", "torchrun", "torchrun-shared-node", "socket",
+        "core"])
+def test_an_affinity_set_is_divided_only_among_the_ranks_that_share_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, affinity: Iterable[int],
+        env: dict[str, str], expected: int) -> None:
+    for key in ("SLURM_CPUS_ON_NODE", "SLURM_PROCID", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tuning, "available_cpus", lambda: list(affinity))
+    monkeypatch.setattr(tuning, "_cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    no_cgroup = tmp_path / "no-cgroup"
+    node = tuning.node_cpus
+
+    def node_cpus(env=None, root=no_cgroup, self_cgroup=no_cgroup / "cgroup"):
+        return node(env, root, self_cgroup)
+
+    monkeypatch.setattr(tuning, "node_cpus", node_cpus)
+    assert tuning.cpus_per_rank(8) == expected
+    assert tuning.max_workers(8) == expected - 1  # the srun case gave 0 before
+
+
+@pytest.mark.parametrize(("files", "proc", "env", "expected"), [
+    ({"cpuset.cpus.effective": "0-31\n"}, "0::/\n", {}, 32),  # a container (cgroup v2)
+    ({"kubepods/pod1/cpuset.cpus.effective": "4-7,12-15\n",
+      "cpuset.cpus.effective": "0-63\n"}, "0::/kubepods/pod1\n", {}, 8),  # its own cgroup
+    ({"cpuset/cpuset.effective_cpus": "0-3,8\n"}, "3:cpuset:/\n0::/\n", {}, 5),  # v1
+    ({"cpuset.cpus.effective": "0-31\n"}, "0::/\n", {"SLURM_CPUS_ON_NODE": "24"}, 24),
+    ({}, "", {}, 96),  # nothing readable: every online CPU
+], ids=["v2", "v2-own-cgroup", "v1", "slurm", "none"])
+def test_node_cpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, files: dict[str, str],
+                   proc: str, env: dict[str, str], expected: int) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "self_cgroup").write_text(proc)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    assert tuning.node_cpus(env, tmp_path, tmp_path / "self_cgroup") == expected
 
 
 @pytest.mark.parametrize(("files", "cpus"), [
