@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from kd.cache import build_cache, human_size, row_bytes
 from kd.config import load_config
-from kd.trainer import Trainer
+from kd.core.trainer import Trainer
 
 
 def config(tmp: Path, args: argparse.Namespace, *extra: str):

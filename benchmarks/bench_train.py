@@ -3,7 +3,7 @@
 The same models (random-initialised timm models, no download), batch, precision and in-memory
 data for all three; the loops alternate over several rounds and the table gives median images/s,
 their range, the ratios kd ÷ plain and kd ÷ timm, and the model FLOP utilisation against a matmul
-peak measured in the same run. The logic is ``kd.bench`` (also ``kd bench``, same options).
+peak measured in the same run. The logic is ``kd.tools.bench`` (also ``kd bench``, same options).
 
     python benchmarks/bench_train.py [--teacher vit_small_patch16_224]
                                      [--student vit_tiny_patch16_224] [--image-size 112,224]

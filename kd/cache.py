@@ -53,10 +53,10 @@ import torch
 from omegaconf import OmegaConf
 
 from kd import __version__
-from kd.checkpoint import _fsync_dir, _sha256, atomic_write_text, save_weights
+from kd.core.checkpoint import _fsync_dir, _sha256, atomic_write_text, save_weights
+from kd.core.precision import autocast, resolve_precision
 from kd.data.batch import BatchPreparer
 from kd.errors import CacheError, ConfigError, output_error
-from kd.precision import autocast, resolve_precision
 
 log = logging.getLogger("kd")
 
@@ -134,7 +134,7 @@ def teacher_hash(model: torch.nn.Module) -> str:
 
 def checkpoint_sha256(cfg: Any) -> str | None:
     """sha256 of the ``teacher.checkpoint`` file, when one is set and present here."""
-    from kd.models import resolve_path
+    from kd.core.models import resolve_path
 
     if not cfg.teacher.checkpoint:
         return None
@@ -332,9 +332,9 @@ class CacheBuilder:
     """Writes this rank's shards of a cache (see :func:`build_cache`)."""
 
     def __init__(self, cfg: Any, epochs: int, top_k: int, out: Path) -> None:
+        from kd.core.dist import init_distributed
+        from kd.core.models import build_teacher, check_model_input, teacher_dtype
         from kd.data.datasets import build_split
-        from kd.dist import init_distributed
-        from kd.models import build_teacher, check_model_input, teacher_dtype
 
         self.cfg, self.epochs, self.out = cfg, epochs, out
         dc = cfg.data
@@ -433,8 +433,8 @@ class CacheBuilder:
         """(indices, seeds, teacher input) per batch of this rank's share of ``epoch``."""
         from torch.utils.data import DataLoader
 
+        from kd.core.task import teacher_input
         from kd.data.datasets import WithIndex, collate
-        from kd.task import teacher_input
 
         dc = self.cfg.data
         keys = rank_batches(len(self.train_set), dc.batch_size, self.cfg.seed, epoch,
@@ -528,7 +528,7 @@ def build_cache(cfg: Any, epochs: int, top_k: int, out: str | Path) -> dict[str,
     part). Finished shards of an interrupted build are kept. Returns the manifest on rank 0."""
     from tqdm import tqdm
 
-    from kd.dist import barrier
+    from kd.core.dist import barrier
 
     if epochs < 1:
         raise ConfigError(f"--epochs {epochs}: give at least 1")

@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "each batch, in ms: shows whether the loader keeps up (default: 0)")
     p.add_argument("--out", help="output folder (default: <output_dir>/tune_loader)")
     p = sub.add_parser("bench", help="training speed: kd's Trainer vs a plain PyTorch loop vs "
-                       "timm's LogitDistillationTask, same models and data (kd.bench)")
+                       "timm's LogitDistillationTask, same models and data (kd.tools.bench)")
     add_bench_args(p)
     p = sub.add_parser("plan", help="size a multi-node job before launching it: memory per "
-                       "GPU, largest batch, step time (kd.plan)")
+                       "GPU, largest batch, step time (kd.tools.plan)")
     _add_config_args(p)
     p.add_argument("--gpu", help="GPU model: a100-40gb, a100-80gb, h100 (SXM 80GB), h200")
     p.add_argument("--instance", help="SageMaker instance p4d, p4de, p5 or p5e: sets --gpu, "
@@ -161,10 +161,10 @@ def _process_group() -> Iterator[None]:
     """Tear the process group down at the end: after every rank finished, or at once on error.
 
     A collective that failed because another rank died or hung becomes a DistributedError that
-    names that rank; any other error is published for the other ranks first (kd.watchdog).
+    names that rank; any other error is published for the other ranks first (kd.core.watchdog).
     """
-    from kd.dist import barrier, cleanup
-    from kd.watchdog import diagnose
+    from kd.core.dist import barrier, cleanup
+    from kd.core.watchdog import diagnose
 
     try:
         yield
@@ -222,7 +222,7 @@ def _print_results(summary: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
 
     cfg = _load_config(args)
     with _process_group():
@@ -244,22 +244,22 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_config(path: str, config: str | None, overrides: list[str]) -> Any:
-    from kd.checkpoint import CONFIG_FILE, verify
     from kd.config import load_config
+    from kd.core.checkpoint import CONFIG_FILE, verify
 
     verify(path)
     return load_config(config or str(Path(path) / CONFIG_FILE), overrides)
 
 
 def _exists(path: str) -> bool:
-    from kd.models import resolve_path
+    from kd.core.models import resolve_path
 
     return resolve_path(path).is_file()
 
 
 def _find_checkpoint(args: argparse.Namespace) -> Path:
     """``--checkpoint`` (and ``--best``) resolved to one checkpoint directory, logged."""
-    from kd.checkpoint import find_checkpoint
+    from kd.core.checkpoint import find_checkpoint
 
     path = find_checkpoint(args.checkpoint, best=args.best)
     if path != Path(args.checkpoint):
@@ -269,7 +269,7 @@ def _find_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
 
     checkpoint = _find_checkpoint(args)
     cfg = _checkpoint_config(str(checkpoint), args.config, args.overrides)
@@ -285,7 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if trainer.dist.is_main:
         out = Path(args.out) if args.out else checkpoint.resolve().parent.parent / "eval.json"
         result = {**record, "checkpoint": str(checkpoint)}
-        from kd.checkpoint import atomic_write_text
+        from kd.core.checkpoint import atomic_write_text
 
         try:
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -296,7 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kd.export import export_student
+    from kd.tools.export import export_student
 
     out = export_student(_find_checkpoint(args), args.out)
     print(f"exported the student to {out}")
@@ -304,9 +304,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from kd.profiler import ProfileSettings, run_profile
-    from kd.report import pct_fine
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
+    from kd.tools.profiler import ProfileSettings, run_profile
+    from kd.tools.report import pct_fine
 
     settings = ProfileSettings(wait=args.wait, warmup=args.warmup, active=args.active,
                                top=args.top, external=args.external_profiler)
@@ -360,7 +360,7 @@ def cmd_tune_loader(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from kd.compare import print_table, run_compare
+    from kd.tools.compare import print_table, run_compare
 
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
@@ -404,7 +404,7 @@ def _yaml_mapping(text: str | None, option: str) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kd.bench import (
+    from kd.tools.bench import (
         check_json_path,
         check_kd_overrides,
         parse_image_sizes,
@@ -428,7 +428,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kd.plan import print_plan, resolve_cluster, run_plan, write_json
+    from kd.tools.plan import print_plan, resolve_cluster, run_plan, write_json
 
     cluster = resolve_cluster(args.gpu, args.instance, args.nodes, args.gpus_per_node,
                               args.network_gbps)  # before the models are built

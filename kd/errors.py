@@ -37,7 +37,7 @@ class TeacherError(UserError):
 class DistributedError(UserError):
     """Another rank died or hung, so a collective failed or timed out (``dist.timeout_s``).
 
-    The message names the rank(s) at fault (:mod:`kd.watchdog`); the CLI exits with code 3.
+    The message names the rank(s) at fault (:mod:`kd.core.watchdog`); the CLI exits with code 3.
     """
 
     exit_code = 3

@@ -46,7 +46,7 @@ def kd_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A teacher for configs/tiny.yaml, trained on labels for a few seconds; its weights path."""
     from kd.config import load_config
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tiny_teacher")
     cfg = load_config(TINY, [f"output_dir={out}", "distill.loss=none", "teacher.checkpoint=null",

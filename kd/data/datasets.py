@@ -2,7 +2,7 @@
 
 Every dataset returns ``(image, label)`` where ``image`` is a ``uint8`` or ``[0, 1]`` float tensor
 of shape (C, H, W), *not normalised*: the student and the teacher each normalise on the device
-with their own mean and std (see :mod:`kd.models`). With a seed, the augmentation is a pure
+with their own mean and std (see :mod:`kd.core.models`). With a seed, the augmentation is a pure
 function of it; with ``None`` the sample is returned unaugmented (evaluation).
 """
 

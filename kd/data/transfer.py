@@ -14,7 +14,7 @@ transfer images, about 4 % of each batch is labelled). Unlabelled samples carry 
 
 **The loss.** Per sample, a labelled image gets ``(1 - alpha) * task + alpha * kd`` and an
 unlabelled one ``kd`` alone; the batch loss is the mean over the batch (see
-:meth:`kd.task.DistillationTask.loss`). With Mixup/CutMix an image can be part labelled: its
+:meth:`kd.core.task.DistillationTask.loss`). With Mixup/CutMix an image can be part labelled: its
 *labelled share* ``m`` (the mixing weight of its labelled source images) weights the task term,
 whose target is the labelled part of the mix renormalised, and the kd term is weighted
 ``alpha * m + (1 - m)``.

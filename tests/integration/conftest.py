@@ -83,7 +83,7 @@ def tiny_config(teacher: str | None, out: Path, *overrides: str) -> Any:
 
 def train_tiny(teacher: str | None, out: Path, *overrides: str) -> Run:
     """One tiny run in this process (2 epochs × 8 steps unless overridden)."""
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
 
     summary = Trainer(tiny_config(teacher, out, *overrides)).train()
     return Run(out, summary)

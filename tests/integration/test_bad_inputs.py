@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import kd.checkpoint
+import kd.core.checkpoint
 import kd.errors
 from kd.cli import main
 from tests.conftest import ROOT, TINY
@@ -218,7 +218,7 @@ def flip_byte(path: Path) -> None:
 
 def rewrite_manifest(checkpoint: Path) -> None:
     """Make the manifest match the files again: the damage is then past the checksums."""
-    manifest_path = checkpoint / kd.checkpoint.MANIFEST_FILE
+    manifest_path = checkpoint / kd.core.checkpoint.MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
     for name in manifest["files"]:
         data = (checkpoint / name).read_bytes()
@@ -241,7 +241,7 @@ def doctored(damage: Callable[[Env, Path], None]) -> Callable[[Env], Path]:
 
 def other_weights(env: Env, path: Path) -> None:
     """The student's weights replaced by another architecture's (the tiny teacher: width 48)."""
-    shutil.copyfile(env.teacher, path / kd.checkpoint.STUDENT_FILE)
+    shutil.copyfile(env.teacher, path / kd.core.checkpoint.STUDENT_FILE)
 
 
 def garbage(name: str) -> Callable[[Env, Path], None]:
@@ -274,7 +274,7 @@ def resume_run(damage: Callable[[Path], None] | None,
 
 def flipped(env: Env) -> Path:
     copy_run(env)
-    flip_byte(checkpoint_dir(env) / kd.checkpoint.STUDENT_FILE)
+    flip_byte(checkpoint_dir(env) / kd.core.checkpoint.STUDENT_FILE)
     return checkpoint_dir(env)
 
 
@@ -340,7 +340,7 @@ def unwritable_parent(env: Env) -> list[str]:
 def disk_full(only: Callable[[Path], bool]) -> Callable[..., None]:
     """A ``safetensors.save_file`` that fails like a full disk for the files ``only`` selects,
     after writing part of the file."""
-    real = kd.checkpoint.save_file
+    real = kd.core.checkpoint.save_file
 
     def save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
         if not only(Path(filename)):
@@ -354,7 +354,7 @@ def disk_full(only: Callable[[Path], bool]) -> Callable[..., None]:
 def full_at_checkpoint(env: Env) -> list[str]:
     """Extend the finished run by an epoch; the disk is full when step 20 is saved."""
     copy_run(env)
-    env.monkeypatch.setattr(kd.checkpoint, "save_file", disk_full(lambda p: True))
+    env.monkeypatch.setattr(kd.core.checkpoint, "save_file", disk_full(lambda p: True))
     return env.train("train.epochs=3")
 
 
@@ -364,16 +364,16 @@ def previous_checkpoint_intact(env: Env) -> None:
     steps = [n for n in names if n.startswith("step_")]
     assert set(names) - set(steps) == {"latest", "best.json"}, names  # no temporary files
     assert steps[-3:] == ["step_00000008", "step_00000012", "step_00000016"], names
-    manager = kd.checkpoint.CheckpointManager(directory, keep=3)
+    manager = kd.core.checkpoint.CheckpointManager(directory, keep=3)
     assert manager.best()["checkpoint"] in steps  # the best one, kept besides the newest 3
     latest = manager.latest()
     assert latest == checkpoint_dir(env)
-    kd.checkpoint.load(latest)  # verifies and reads
+    kd.core.checkpoint.load(latest)  # verifies and reads
 
 
 def full_at_final_weights(env: Env) -> list[str]:
     """Two steps and their checkpoint fit; the final student.safetensors does not."""
-    env.monkeypatch.setattr(kd.checkpoint, "save_file", disk_full(
+    env.monkeypatch.setattr(kd.core.checkpoint, "save_file", disk_full(
         lambda p: p.name.startswith(".student.safetensors.tmp")))
     return env.train("train.max_steps=2", "checkpoint.every_steps=0")
 
@@ -382,20 +382,21 @@ def final_weights_not_half_written(env: Env) -> None:
     names = {p.name for p in env.out.iterdir()}
     assert "student.safetensors" not in names and "summary.json" not in names, names
     assert not [n for n in names if n.startswith(".")], names
-    manager = kd.checkpoint.CheckpointManager(env.out / "checkpoints", keep=3)
+    manager = kd.core.checkpoint.CheckpointManager(env.out / "checkpoints", keep=3)
     assert manager.latest() == checkpoint_dir(env, 2)
 
 
 def full_at_summary(env: Env) -> list[str]:
-    """The disk fills up as summary.json is written (caught by the CLI, not by kd.checkpoint)."""
-    real = kd.checkpoint.atomic_write_text
+    """The disk fills up as summary.json is written (caught by the CLI, not by
+    kd.core.checkpoint)."""
+    real = kd.core.checkpoint.atomic_write_text
 
     def write_text(path: Path, text: str) -> None:
         if path.name == "summary.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, text)
 
-    env.monkeypatch.setattr(kd.checkpoint, "atomic_write_text", write_text)
+    env.monkeypatch.setattr(kd.core.checkpoint, "atomic_write_text", write_text)
     return env.train("train.max_steps=2", "checkpoint.every_steps=0")
 
 
@@ -517,15 +518,15 @@ ROWS = [
         "manifest.json"),
     row("resume-corrupt", resume(flipped), "corrupt", "student.safetensors"),
     row("resume-auto-all-corrupt",
-        resume_run(lambda p: flip_byte(p / kd.checkpoint.STUDENT_FILE)), "checkpoint",
+        resume_run(lambda p: flip_byte(p / kd.core.checkpoint.STUDENT_FILE)), "checkpoint",
         "corrupt", "step_00000016"),
     row("resume-other-student-shape", resume_run(None, "student.kwargs.embed_dim=48"),
         "student.kwargs", "shape", "step_00000016"),
     row("resume-none-over-checkpoints", resume_run(None, "checkpoint.resume=none"),
         "already holds checkpoints", "checkpoint.resume=auto"),
-    row("resume-weights-unreadable", resume(doctored(garbage(kd.checkpoint.STUDENT_FILE))),
+    row("resume-weights-unreadable", resume(doctored(garbage(kd.core.checkpoint.STUDENT_FILE))),
         "cannot read", "student.safetensors"),
-    row("resume-state-unreadable", resume(doctored(garbage(kd.checkpoint.STATE_FILE))),
+    row("resume-state-unreadable", resume(doctored(garbage(kd.core.checkpoint.STATE_FILE))),
         "cannot read", "state.pt"),
     # Evaluate and export.
     row("eval-missing", evaluate(missing), "not found", "nowhere"),

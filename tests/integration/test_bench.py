@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kd.bench import LOOP_TITLES, LOOPS, parse_image_sizes
+from kd.tools.bench import LOOP_TITLES, LOOPS, parse_image_sizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

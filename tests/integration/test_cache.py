@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kd.cache import CacheBuilder, build_cache, shard_name
-from kd.trainer import Trainer
+from kd.core.trainer import Trainer
 from tests.conftest import TINY
 from tests.integration.conftest import (
     assert_one_line_user_error,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kd.cli import main
-from kd.compare import plan
 from kd.config import load_config
+from kd.tools.compare import plan
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")

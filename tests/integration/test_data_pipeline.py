@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from kd.core.trainer import Trainer
 from kd.data.sampler import TrainBatchSampler
-from kd.trainer import Trainer
 from tests.conftest import TINY, run_kd
 from tests.integration.conftest import (
     assert_one_line_user_error,

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from kd.config import DEMO_PRESET, load_config
-from kd.export import export_student
-from kd.models import build_student
-from kd.trainer import Trainer
+from kd.core.models import build_student
+from kd.core.trainer import Trainer
+from kd.tools.export import export_student
 from tests.conftest import ROOT, TINY
 from tests.integration.conftest import (
     Run,

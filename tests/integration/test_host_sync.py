@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd.trainer import Trainer
+from kd.core.trainer import Trainer
 from tests.integration.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

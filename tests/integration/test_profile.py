@@ -105,9 +105,9 @@ def test_profile_two_processes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_slow_dataset_is_input_bound(tmp_path: Path) -> None:
     from kd.config import load_config
-    from kd.profiler import ProfileSettings, run_profile
-    from kd.report import DATA_WAIT_THRESHOLD
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
+    from kd.tools.profiler import ProfileSettings, run_profile
+    from kd.tools.report import DATA_WAIT_THRESHOLD
 
     cfg = load_config(TINY, [*LABELS_ONLY, f"output_dir={tmp_path}", "data.batch_size=8"])
     trainer = Trainer(cfg)
@@ -130,8 +130,8 @@ def test_slow_dataset_is_input_bound(tmp_path: Path) -> None:
 
 def test_flops_counted_on_meta_match_a_real_count(tmp_path: Path) -> None:
     from kd.config import load_config
-    from kd.profiler import count_flops
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
+    from kd.tools.profiler import count_flops
 
     cfg = load_config(TINY, [*LABELS_ONLY, f"output_dir={tmp_path}"])
     trainer = Trainer(cfg)
@@ -152,8 +152,8 @@ def test_log_phases_prints_the_metrics_records_numbers(tmp_path: Path, caplog) -
     import logging
 
     from kd.config import load_config
-    from kd.metrics import phase_line
-    from kd.trainer import Trainer
+    from kd.core.metrics import phase_line
+    from kd.core.trainer import Trainer
 
     cfg = load_config(TINY, [*LABELS_ONLY, f"output_dir={tmp_path}", "train.max_steps=4",
                              "train.log_phases=true", "checkpoint.every_steps=0"])

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kd.core.trainer import Trainer
 from kd.errors import DivergedError, Preempted
-from kd.trainer import Trainer
 from tests.conftest import ROOT, TINY
 from tests.integration.conftest import (
     ONE_THREAD,
@@ -143,7 +143,7 @@ def test_sigterm_to_kd_train_exits_75_with_one_line(tiny_teacher, tmp_path):
 
 
 def test_pruning_keeps_the_newest_checkpoints_plus_the_best(tiny_teacher, tmp_path):
-    from kd.checkpoint import CheckpointManager, verify
+    from kd.core.checkpoint import CheckpointManager, verify
 
     trainer = Trainer(tiny_config(tiny_teacher, tmp_path, "train.epochs=4",
                                   "checkpoint.keep=1", "checkpoint.every_steps=4"))

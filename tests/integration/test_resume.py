@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from kd import checkpoint as ckpt
+from kd.core import checkpoint as ckpt
+from kd.core.trainer import Trainer
 from kd.errors import UserError
-from kd.trainer import Trainer
 from tests.conftest import TINY
 from tests.integration.conftest import (
     Run,

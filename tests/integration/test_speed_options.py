@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.trainer import Trainer
+from kd.core.trainer import Trainer
 from tests.integration.conftest import tiny_config, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")

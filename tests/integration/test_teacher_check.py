@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from kd.cli import main
-from kd.trainer import Trainer, near_chance
+from kd.core.trainer import Trainer, near_chance
 from tests.conftest import TINY
 from tests.integration.conftest import assert_same_weights, tiny_config, train_tiny
 

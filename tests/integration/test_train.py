@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kd.checkpoint import verify
 from kd.config import load_config, to_container
+from kd.core.checkpoint import verify
 from tests.conftest import TINY
 from tests.integration.conftest import (
     TRAIN_KEYS,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kd.config import load_config
-from kd.models import build_student
-from kd.precision import resolve_precision
+from kd.core.models import build_student
+from kd.core.precision import resolve_precision
 from tests.conftest import TINY
 from tests.integration.conftest import (
     Run,

@@ -1,6 +1,6 @@
 """A rank that dies or hangs under torchrun: the survivor exits within dist.timeout_s, with code
 3 and a line naming the rank, instead of waiting forever. Real SIGKILL / SIGSTOP / a stuck loop,
-injected by KD_TEST_FAULT (kd.watchdog)."""
+injected by KD_TEST_FAULT (kd.core.watchdog)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kd.cache import densify, first_difference, rank_batches, row_bytes, top_k_rows
+from kd.core.losses import hard_kd, soft_kd
 from kd.data.sampler import TrainBatchSampler
-from kd.losses import hard_kd, soft_kd
 
 
 def test_row_bytes_is_4k_plus_12() -> None:

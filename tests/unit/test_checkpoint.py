@@ -1,4 +1,4 @@
-"""Unit tests for kd.checkpoint: atomic saves, verification, fallback and pruning."""
+"""Unit tests for kd.core.checkpoint: atomic saves, verification, fallback and pruning."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kd
-from kd import checkpoint as ckpt
-from kd.checkpoint import (
+from kd.core import checkpoint as ckpt
+from kd.core.checkpoint import (
     CONFIG_FILE,
     MANIFEST_FILE,
     STATE_FILE,

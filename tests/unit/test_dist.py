@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from kd import dist as kd_dist
-from kd.dist import (
+from kd.core import dist as kd_dist
+from kd.core.dist import (
     WorldInfo,
     prepare_environment,
     process_group_device,
@@ -19,8 +19,8 @@ from kd.dist import (
     smddp_launch,
     world_info_from_env,
 )
+from kd.core.strategy import DDP_BUCKET_BYTES, deepspeed_bucket_size, deepspeed_config
 from kd.errors import ConfigError
-from kd.strategy import DDP_BUCKET_BYTES, deepspeed_bucket_size, deepspeed_config
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -197,8 +197,8 @@ def test_deepspeed_allocates_the_bucket_kd_sizes(monkeypatch):
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from kd.dist import DistInfo
-    from kd.strategy import DeepSpeedStrategy
+    from kd.core.dist import DistInfo
+    from kd.core.strategy import DeepSpeedStrategy
 
     allocated = []
     setup = DeepSpeedZeroOptimizer.setup_buckets
@@ -319,8 +319,8 @@ def test_init_distributed_passes_device_id(environ, monkeypatch):
 @pytest.mark.gpu
 def test_device_bound_nccl_group_and_the_gloo_stop_group_on_cuda():
     """init_process_group(device_id=...) forms the NCCL communicator at once; the gloo group of
-    kd.guard.StopRequest is created after it (torch binds later groups to the same device)."""
-    from kd.guard import StopRequest
+    kd.core.guard.StopRequest is created after it (torch binds later groups to the same device)."""
+    from kd.core.guard import StopRequest
 
     device = torch.device("cuda", torch.cuda.current_device())
     torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0,
@@ -350,8 +350,8 @@ def test_deepspeed_bucket_memory_on_cuda(stage, buckets, monkeypatch):
     """DeepSpeed's default buckets cost ~1.9 GiB of fp32 on the GPU whatever the model (the
     control); kd's config keeps a 1 M-parameter student's whole step under 64 MiB."""
     pytest.importorskip("deepspeed")
-    from kd import strategy as kd_strategy
-    from kd.dist import DistInfo
+    from kd.core import strategy as kd_strategy
+    from kd.core.dist import DistInfo
 
     if buckets == "deepspeed-default":
         config = kd_strategy.deepspeed_config

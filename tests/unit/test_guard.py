@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from kd.dist import DistInfo
+from kd.core.dist import DistInfo
+from kd.core.guard import SkipTracker, StopRequest
+from kd.core.strategy import DDPStrategy
 from kd.errors import DivergedError
-from kd.guard import SkipTracker, StopRequest
-from kd.strategy import DDPStrategy
 
 
 def test_a_real_sigterm_sets_the_flag_and_close_restores_the_handler() -> None:
@@ -129,9 +129,9 @@ def test_the_default_group_path_on_cuda_waits_for_the_previous_step_only(
     never for the step just queued, and the flags still arrive one boundary late."""
     import time
 
-    import kd.guard
+    import kd.core.guard
 
-    monkeypatch.setattr(kd.guard, "SINGLE_GROUP_BACKENDS", ("nccl",))
+    monkeypatch.setattr(kd.core.guard, "SINGLE_GROUP_BACKENDS", ("nccl",))
     device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
                             device_id=device)
@@ -223,7 +223,7 @@ def test_the_fused_skip_needs_no_host_synchronisation(monkeypatch: pytest.Monkey
 def test_build_optimizer_picks_fused_kernels_unless_told_otherwise() -> None:
     from omegaconf import OmegaConf
 
-    from kd.optim import build_optimizer
+    from kd.core.optim import build_optimizer
 
     model = nn.Linear(4, 3)
     cfg = OmegaConf.create({"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "kwargs": {},

@@ -160,7 +160,7 @@ def test_smddp_request(sm: ModuleType) -> None:
 
 def test_smddp_instances_agree_with_kds_automatic_choice(sm: ModuleType) -> None:
     """--smddp is offered on the instances where dist.backend=auto would pick smddp."""
-    from kd.dist import SMDDP_INSTANCE_TYPES
+    from kd.core.dist import SMDDP_INSTANCE_TYPES
 
     assert set(sm.SMDDP_INSTANCE_TYPES) == set(SMDDP_INSTANCE_TYPES)
 

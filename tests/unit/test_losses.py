@@ -1,4 +1,4 @@
-"""Unit tests for kd.losses against independent float64 references.
+"""Unit tests for kd.core.losses against independent float64 references.
 
 The references below are written with plain numpy (float64) math from the papers'
 definitions and deliberately use different code paths from the implementation (e.g.
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
+from kd.core.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
 
 # ----------------------------------------------------------------------------------------
 # float64 numpy references

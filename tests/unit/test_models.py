@@ -1,4 +1,4 @@
-"""Unit tests for kd.models: safe weight loading, the frozen teacher, input normalisation."""
+"""Unit tests for kd.core.models: safe weight loading, the frozen teacher, input normalisation."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from kd import models
+import kd
 from kd.config import StudentConfig, TeacherConfig
-from kd.errors import CheckpointError, ConfigError
-from kd.models import (
+from kd.core import models
+from kd.core.models import (
     FrozenTeacher,
     InputNorm,
     build_input_norm,
@@ -25,6 +25,7 @@ from kd.models import (
     load_state_dict,
     resolve_path,
 )
+from kd.errors import CheckpointError, ConfigError
 
 VIT = "vit_tiny_patch16_224"
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -62,7 +63,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def test_resolve_kd_path_points_at_the_shipped_teacher() -> None:
     p = resolve_path("kd://assets/digits_teacher.safetensors")
     assert p.is_file()
-    assert p == Path(models.__file__).resolve().parent / "assets" / "digits_teacher.safetensors"
+    assert p == Path(kd.__file__).resolve().parent / "assets" / "digits_teacher.safetensors"
     assert resolve_path("some/rel.pt") == Path("some/rel.pt")
 
 

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-import kd.optim
-from kd.optim import load_optimizer_state, place_step_tensors
+import kd.core.optim
+from kd.core.optim import load_optimizer_state, place_step_tensors
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_zero_resume_places_the_steps_of_zeros_local_optimizer(
     model, state = saved_state("cpu")
     resumed = zero_adamw(model)
     seen: list[torch.optim.Optimizer] = []
-    monkeypatch.setattr(kd.optim, "place_step_tensors", seen.append)
+    monkeypatch.setattr(kd.core.optim, "place_step_tensors", seen.append)
     load_optimizer_state(resumed, state)
     assert seen == [resumed.optim]
 

@@ -12,7 +12,7 @@ import torch
 
 from kd.config import load_config
 from kd.errors import UserError
-from kd.plan import (
+from kd.tools.plan import (
     CUDA_RESERVE_BYTES,
     GPUS,
     INSTANCES,
@@ -170,7 +170,7 @@ def test_the_printed_plan_has_a_deepspeed_row() -> None:
 
     from rich.console import Console
 
-    from kd.plan import print_plan
+    from kd.tools.plan import print_plan
 
     cluster = resolve_cluster("a100-40gb", nodes=1)
     plan = build_plan(measurement(5_717_416), cluster, TrainingSetup(

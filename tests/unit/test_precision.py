@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kd.precision
-from kd.precision import resolve_precision
+import kd.core.precision
+from kd.core.precision import resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def test_amx_check_never_stops_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("private API changed")
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
-    assert not kd.precision.cpu_has_amx_bf16()
+    assert not kd.core.precision.cpu_has_amx_bf16()
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert resolve_precision("auto", CPU) == "fp32"
 
@@ -58,9 +58,9 @@ def test_tf32_on_ampere_and_later_when_asked(monkeypatch: pytest.MonkeyPatch,
     saved = getattr(matmul, name)
     setattr(matmul, name, off)
     try:
-        assert kd.precision.maybe_enable_tf32(CUDA, enabled) is on
+        assert kd.core.precision.maybe_enable_tf32(CUDA, enabled) is on
         assert getattr(matmul, name) == (tf32 if on else off)
-        assert not kd.precision.maybe_enable_tf32(CPU, True)
+        assert not kd.core.precision.maybe_enable_tf32(CPU, True)
     finally:
         setattr(matmul, name, saved)
 
@@ -69,4 +69,4 @@ def test_tf32_on_ampere_and_later_when_asked(monkeypatch: pytest.MonkeyPatch,
 def test_auto_precision_and_tf32_on_this_gpu() -> None:
     capability = torch.cuda.get_device_capability()
     assert resolve_precision("auto", CUDA) == ("bf16" if capability >= (8, 0) else "fp16")
-    assert kd.precision.maybe_enable_tf32(CUDA, True) is (capability >= (8, 0))
+    assert kd.core.precision.maybe_enable_tf32(CUDA, True) is (capability >= (8, 0))

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd import report
+from kd.core.metrics import ConsoleSink, format_seconds, phase_line
+from kd.core.trainer import PHASES, PhaseTimer
 from kd.errors import UserError
-from kd.metrics import ConsoleSink, format_seconds, phase_line
-from kd.profiler import (
+from kd.tools import report
+from kd.tools.profiler import (
     ExternalCapture,
     ProfileSettings,
     ResourceSampler,
@@ -31,8 +32,7 @@ from kd.profiler import (
     range_factories,
     table_peak,
 )
-from kd.report import Facts, classify, op_totals, phase_spread, recommend
-from kd.trainer import PHASES, PhaseTimer
+from kd.tools.report import Facts, classify, op_totals, phase_spread, recommend
 
 # ------------------------------------------------------------------------------ annotations
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from kd import report
-from kd.profiler import rank_op_totals
-from kd.report import (
+from kd.tools import report
+from kd.tools.profiler import rank_op_totals
+from kd.tools.report import (
     comm_exposure,
     subtract_intervals,
     total_length,
@@ -321,8 +321,8 @@ def test_exposed_communication_of_real_nccl_kernels(tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_profile_on_cuda_measures_communication_from_the_kernels(tmp_path: Path) -> None:
     from kd.config import load_config
-    from kd.profiler import ProfileSettings, run_profile
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
+    from kd.tools.profiler import ProfileSettings, run_profile
 
     cfg = load_config(TINY, ["distill.loss=none", "teacher.checkpoint=null",
                              f"output_dir={tmp_path}", "train.device=cuda"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kd.guard import ignored_shutdown_timeout, report_preemption_save, torchrun_kill_after_s
+from kd.core.guard import ignored_shutdown_timeout, report_preemption_save, torchrun_kill_after_s
 
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "job", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "110"}
 

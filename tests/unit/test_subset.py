@@ -94,7 +94,7 @@ def test_config_checks() -> None:
 
 
 def test_a_run_writes_the_subset_it_trained_on(tmp_path: Path) -> None:
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
 
     cfg = load_config("kd://presets/demo.yaml", [
         "data.labels_per_class=4", "train.epochs=1", "checkpoint.every_steps=0",

@@ -1,7 +1,7 @@
-"""Unit tests for kd.task: how inputs reach both models and how the loss terms combine.
+"""Unit tests for kd.core.task: how inputs reach both models and how the loss terms combine.
 
 References are written with torch.nn.functional directly (soft and hard terms) or with the
-separately tested kd.losses.dkd, following the table in kd/task.py's docstring.
+separately tested kd.core.losses.dkd, following the table in kd/core/task.py's docstring.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kd.config import DistillConfig
+from kd.core.losses import dkd
+from kd.core.models import FrozenTeacher, InputNorm
+from kd.core.task import DistillationTask
 from kd.errors import ConfigError
-from kd.losses import dkd
-from kd.models import FrozenTeacher, InputNorm
-from kd.task import DistillationTask
 
 VIT = "vit_tiny_patch16_224"
 DEIT = "deit_tiny_distilled_patch16_224"

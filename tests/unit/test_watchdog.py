@@ -11,9 +11,9 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from kd import watchdog
+from kd.core import watchdog
+from kd.core.watchdog import Heartbeat, Suspect, Watchdog, describe_fault, find_suspects
 from kd.errors import DistributedError
-from kd.watchdog import Heartbeat, Suspect, Watchdog, describe_fault, find_suspects
 
 HOST = socket.gethostname()
 GLOO_TIMEOUT = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "

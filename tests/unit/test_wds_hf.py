@@ -234,7 +234,7 @@ def test_config_accepts_wds_and_hf() -> None:
 @pytest.mark.slow
 def test_training_runs_on_wds_shards(shards: Path, tmp_path: Path) -> None:
     from kd.config import load_config
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
         "data.name=wds", f"data.root={shards}", "data.num_classes=3", "data.image_size=16",

@@ -221,7 +221,7 @@ def test_streamed_training_resumes_bit_identically_with_other_workers(tmp_path: 
     from safetensors.torch import load_file
 
     from kd.config import load_config
-    from kd.trainer import Trainer
+    from kd.core.trainer import Trainer
 
     root = tmp_path / "shards"
     make_shards(root, [6] * 6)

@@ -11,10 +11,10 @@ Two parts:
 - :func:`run_profile` — a short training run under ``torch.profiler`` on every rank, with a
   background sampler of CPU (and GPU) utilisation, per-step phase times, counted FLOPs and a
   measured or tabulated peak; rank 0 gathers every rank's summary and writes the report
-  (:mod:`kd.report`).
+  (:mod:`kd.tools.report`).
 
 Example:
-    >>> from kd.profiler import annotate
+    >>> from kd.tools.profiler import annotate
     >>> with annotate("teacher_forward"):
     ...     pass
 """
@@ -547,7 +547,7 @@ def prepare_run_dir(out: Path) -> None:
 
 
 def _op_rows(prof: torch.profiler.profile) -> list[dict[str, Any]]:
-    """``key_averages()`` as plain rows (seconds), for the analysis in :mod:`kd.report`."""
+    """``key_averages()`` as plain rows (seconds), for the analysis in :mod:`kd.tools.report`."""
     rows = []
     for e in prof.key_averages():
         rows.append({
@@ -602,7 +602,7 @@ def run_profile(trainer: Any, out_dir: str | Path,
     ``report.html`` (self-contained), the PNG plots and ``profile.json``.
 
     Args:
-        trainer: a built :class:`kd.trainer.Trainer` whose ``output_dir`` is ``out_dir``
+        trainer: a built :class:`kd.core.trainer.Trainer` whose ``output_dir`` is ``out_dir``
             (its config and metrics records go there too).
         out_dir: the run directory.
         settings: schedule and options.
@@ -615,7 +615,7 @@ def run_profile(trainer: Any, out_dir: str | Path,
         >>> run_profile(trainer, "runs/p")["verdict"]["kind"]  # doctest: +SKIP
         'compute-bound'
     """
-    from kd import report
+    from kd.tools import report
 
     settings = settings or ProfileSettings()
     settings.validate()
@@ -716,16 +716,16 @@ def run_profile(trainer: Any, out_dir: str | Path,
 
 def rank_op_totals(ops: list[dict[str, Any]], ops_on: str, exclude: Iterable[str],
                    trace: Path) -> dict[str, float]:
-    """:func:`kd.report.op_totals`, with communication measured on the GPU timeline.
+    """:func:`kd.tools.report.op_totals`, with communication measured on the GPU timeline.
 
     Where CUDA kernels were recorded, ``comm_s`` (NCCL kernel seconds) and ``exposed_comm_s``
     (the part no compute kernel overlaps) come from this rank's Chrome trace
-    (:func:`kd.report.comm_exposure`): ``key_averages`` carries no timestamps, so it cannot
+    (:func:`kd.tools.report.comm_exposure`): ``key_averages`` carries no timestamps, so it cannot
     tell the all-reduces DDP hides behind backward from those the step waits for. On a CPU
     (gloo) there are no device kernels; the totals stay as ``op_totals`` gives them, without
     ``exposed_comm_s``, and the verdict counts all of the backend's time, as it always has.
     """
-    from kd import report
+    from kd.tools import report
 
     totals = report.op_totals(ops, ops_on, exclude=list(exclude))
     if ops_on == "cuda" and trace.is_file():

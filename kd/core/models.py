@@ -29,7 +29,7 @@ from kd.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("kd")
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # kd/, where kd:// paths point
 
 
 def resolve_path(path: str) -> Path:

@@ -5,8 +5,8 @@ Three loops run the same distillation step on the same models, batch, precision 
 - ``plain``: the shortest loop PyTorch allows — teacher forward under ``torch.no_grad``, student
   forward and backward, ``(1 - alpha) * CE + alpha * T² * KL(teacher ‖ student at T)``, AdamW
   (fused where PyTorch has the kernel, else foreach), no host synchronisation;
-- ``kd``: :meth:`kd.trainer.Trainer.train_step`, on a Trainer built from a config like any run's
-  (its phase timer and annotations, the strategy's gradient norm and non-finite check, the
+- ``kd``: :meth:`kd.core.trainer.Trainer.train_step`, on a Trainer built from a config like
+  any run's (its phase timer and annotations, the strategy's gradient norm and non-finite check, the
   schedule), fed in-memory batches;
 - ``timm``: ``timm.task.LogitDistillationTask`` (timm >= 1.0.20) called as timm's ``train.py``
   calls it, stepped with the same AdamW as ``plain``.
@@ -23,12 +23,12 @@ After ``warmup`` steps of each loop, the loops alternate — ``plain kd timm pla
 ``rounds`` rounds of ``steps`` steps each, timed as one block (one device synchronisation per
 block) — so that other work on a shared machine slows them alike; images/s are medians over
 rounds, with their range. FLOPs per image (teacher forward + student forward + backward) are
-counted with ``torch.utils.flop_counter`` (:func:`kd.profiler.count_flops_safely`), the matmul
+counted with ``torch.utils.flop_counter`` (:func:`kd.tools.profiler.count_flops_safely`), the matmul
 peak for the precision is measured here, before and after the rounds (the larger counts:
-:func:`kd.profiler.measure_matmul_flops`), and MFU = FLOPs per image × images/s ÷ peak.
+:func:`kd.tools.profiler.measure_matmul_flops`), and MFU = FLOPs per image × images/s ÷ peak.
 
 Example:
-    >>> from kd.bench import run_bench, print_table
+    >>> from kd.tools.bench import run_bench, print_table
     >>> result = run_bench("vit_small_patch16_224", "vit_tiny_patch16_224",
     ...                    image_sizes=[112], steps=3, rounds=3)  # doctest: +SKIP
     >>> print_table(result)  # doctest: +SKIP
@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.core.precision import autocast
 from kd.errors import ConfigError, UserError, output_error
-from kd.precision import autocast
 
 log = logging.getLogger("kd")
 
@@ -252,10 +252,10 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
     Trainer's device: kd's own copy may be cast (``teacher.dtype``), and that choice is part of
     what is measured. The data is the synthetic dataset, without loader workers.
     """
-    from kd.checkpoint import save_weights
     from kd.config import load_config
-    from kd.models import create_timm_model
-    from kd.trainer import Trainer
+    from kd.core.checkpoint import save_weights
+    from kd.core.models import create_timm_model
+    from kd.core.trainer import Trainer
 
     t_kwargs = model_kwargs(teacher, image_size, teacher_kwargs)
     s_kwargs = model_kwargs(student, image_size, student_kwargs)
@@ -336,7 +336,12 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
         "peak_source", "rows": {loop: {"img_per_s", "rounds", "min", "max", "spread", "mfu"}},
         "ratios": {"kd/plain", "kd/timm"}, "ratio_rounds", "kd_phases"}``.
     """
-    from kd.profiler import count_flops_safely, matmul_precision, measure_matmul_flops, table_peak
+    from kd.tools.profiler import (
+        count_flops_safely,
+        matmul_precision,
+        measure_matmul_flops,
+        table_peak,
+    )
 
     for name, value, least in (("steps", steps, 1), ("rounds", rounds, 1), ("warmup", warmup, 0),
                                ("batch", batch, 1), ("num-classes", num_classes, 2)):
@@ -419,7 +424,7 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
 
 
 def describe_device(device: torch.device) -> str:
-    from kd.profiler import _cpu_model
+    from kd.tools.profiler import _cpu_model
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
 
@@ -479,7 +484,7 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from kd.report import fmt_flops, pct_fine
+    from kd.tools.report import fmt_flops, pct_fine
 
     s, m = result["settings"], result["machine"]
     precision = result["runs"][0]["precision"] if result["runs"] else s["precision"]
@@ -539,7 +544,7 @@ def check_json_path(path: str | Path | None) -> None:
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Every number, the settings and the machine, as JSON (written atomically)."""
-    from kd.checkpoint import atomic_write_text
+    from kd.core.checkpoint import atomic_write_text
 
     try:
         atomic_write_text(Path(path), json.dumps(result, indent=1) + "\n")

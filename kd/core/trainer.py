@@ -3,7 +3,7 @@
 Building happens once, in a fixed order: device and distributed → data → models → task →
 optimizer → checkpoint (resume) → metrics. A training step is
 data → teacher forward → student forward → loss → backward → optimizer, each timed and wrapped
-in a range of that name (``kd.profiler.annotate``: torch.profiler, NVTX on CUDA, SageMaker
+in a range of that name (``kd.tools.profiler.annotate``: torch.profiler, NVTX on CUDA, SageMaker
 Profiler where present).
 """
 
@@ -23,25 +23,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd import checkpoint as ckpt
 from kd.cache import TeacherCache, densify
 from kd.config import to_container, to_yaml
-from kd.data import build_eval_loader, build_train_loader
-from kd.data.batch import BatchPreparer
-from kd.data.datasets import build_split
-from kd.data.stream import StreamBatchSampler
-from kd.data.subset import SubsetDataset, subset_record
-from kd.data.tuning import resolve_num_workers
-from kd.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from kd.errors import DataError, Preempted, TeacherError, UserError, output_error
-from kd.guard import (
+from kd.core import checkpoint as ckpt
+from kd.core.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from kd.core.guard import (
     SkipTracker,
     StopRequest,
     ignored_shutdown_timeout,
     report_preemption_save,
 )
-from kd.metrics import build_metrics
-from kd.models import (
+from kd.core.metrics import build_metrics
+from kd.core.models import (
     build_input_norm,
     build_student,
     build_teacher,
@@ -49,12 +42,19 @@ from kd.models import (
     describe_mismatch,
     teacher_dtype,
 )
-from kd.optim import build_optimizer, build_scheduler
-from kd.precision import autocast, maybe_enable_tf32, resolve_precision
-from kd.profiler import annotate
-from kd.strategy import build_strategy
-from kd.task import DistillationTask
-from kd.watchdog import report_step
+from kd.core.optim import build_optimizer, build_scheduler
+from kd.core.precision import autocast, maybe_enable_tf32, resolve_precision
+from kd.core.strategy import build_strategy
+from kd.core.task import DistillationTask
+from kd.core.watchdog import report_step
+from kd.data import build_eval_loader, build_train_loader
+from kd.data.batch import BatchPreparer
+from kd.data.datasets import build_split
+from kd.data.stream import StreamBatchSampler
+from kd.data.subset import SubsetDataset, subset_record
+from kd.data.tuning import resolve_num_workers
+from kd.errors import DataError, Preempted, TeacherError, UserError, output_error
+from kd.tools.profiler import annotate
 
 log = logging.getLogger("kd")
 
@@ -385,7 +385,7 @@ class Trainer:
                     sums += torch.where(terms["skipped"], 0.0,
                                         torch.cat([values, values.new_ones(1)]))
                     self.step += 1
-                    report_step(self.step)  # for the heartbeats (kd.watchdog)
+                    report_step(self.step)  # for the heartbeats (kd.core.watchdog)
                     self.skips.update(self.step, terms["skipped"], values)
                     interval_steps += 1
                     if on_step is not None:

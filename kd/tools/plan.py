@@ -16,7 +16,7 @@ Two halves:
   device at hand: parameters; optimizer state per parameter (one step of the configured
   optimizer); activation memory, the peak of live tensor bytes during one training step
   (:class:`LiveTensorBytes`) at two small batches, whose slope is the memory per image and
-  whose intercept a fixed overhead; FLOPs per image (:func:`kd.profiler.count_flops`).
+  whose intercept a fixed overhead; FLOPs per image (:func:`kd.tools.profiler.count_flops`).
 
 Example:
     >>> from kd.config import DEMO_PRESET, load_config
@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kd.core.precision import DTYPES, autocast
+from kd.core.strategy import deepspeed_bucket_size
 from kd.errors import UserError, output_error
-from kd.precision import DTYPES, autocast
-from kd.strategy import deepspeed_bucket_size
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3
@@ -72,7 +72,7 @@ MEASURE_BATCHES = (2, 4)
 class GpuSpec:
     """A GPU model: the memory the driver reports, its NVLink bandwidth and its peak FLOP/s.
 
-    Peaks come from :data:`kd.profiler.GPU_PEAK_FLOPS` (NVIDIA's datasheets, dense), looked up
+    Peaks come from :data:`kd.tools.profiler.GPU_PEAK_FLOPS` (NVIDIA's datasheets, dense), looked up
     by the name ``torch.cuda.get_device_name`` gives, so kd keeps one table of peaks.
     """
 
@@ -83,7 +83,7 @@ class GpuSpec:
 
     def peak_flops(self, precision: str) -> float:
         """Dense peak FLOP/s for a matmul precision (bf16, fp16, tf32, fp32)."""
-        from kd.profiler import table_peak
+        from kd.tools.profiler import table_peak
 
         peak = table_peak(self.device_name, precision)
         if peak is None:
@@ -92,7 +92,8 @@ class GpuSpec:
 
 
 # Memory: the total nvidia-smi reports (memory.total), a little under the datasheets' "40GB",
-# "80GB", "141GB". NVLink: per GPU, both directions together. Peaks: kd.profiler.GPU_PEAK_FLOPS
+# "80GB", "141GB". NVLink: per GPU, both directions together. Peaks:
+# kd.tools.profiler.GPU_PEAK_FLOPS
 # (A100: bf16 312, fp32 19.5 TFLOP/s; H100 SXM and H200: bf16 989, fp32 67 TFLOP/s, dense).
 #   A100 SXM4 40/80 GB, NVLink 3 600 GB/s: https://www.nvidia.com/en-us/data-center/a100/
 #   H100 SXM 80 GB, NVLink 4 900 GB/s: https://www.nvidia.com/en-us/data-center/h100/
@@ -317,11 +318,11 @@ def deepspeed_buffer_bytes(trainable_params: int, world_size: int) -> dict[str, 
     state, for kd's fp32 weights (deepspeed/runtime/zero/stage_1_and_2.py):
 
     - the reduce bucket: ``reduce_bucket_size`` fp32 elements, allocated whole at the first
-      gradient (``setup_buckets``), as kd sizes it (:func:`kd.strategy.deepspeed_bucket_size`);
+      gradient (``setup_buckets``), as kd sizes it (:func:`kd.core.strategy.deepspeed_bucket_size`);
     - its fp32 copy of this rank's partition of the weights, made even when the weights are fp32
       already (``single_partition_of_fp32_groups``: a ``clone()`` of the partition).
 
-    The all-gather bucket allocates nothing (see :func:`kd.strategy.deepspeed_bucket_size`).
+    The all-gather bucket allocates nothing (see :func:`kd.core.strategy.deepspeed_bucket_size`).
     """
     bucket = deepspeed_bucket_size(trainable_params, world_size)
     return {"reduce_bucket": 4.0 * bucket,
@@ -386,7 +387,7 @@ def build_plan(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup,
     Raises:
         UserError: ``mfu`` outside (0, 1].
     """
-    from kd.profiler import matmul_precision
+    from kd.tools.profiler import matmul_precision
 
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu}: a fraction of the peak in (0, 1]")
@@ -555,7 +556,7 @@ class PlanModels:
     student: torch.nn.Module
     student_norm: torch.nn.Module
     teacher: torch.nn.Module | None
-    task: Any  # kd.task.DistillationTask
+    task: Any  # kd.core.task.DistillationTask
     cached: bool  # teacher logits come from distill.teacher_cache
 
 
@@ -566,7 +567,7 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
     ``teacher.checkpoint``: memory and FLOPs depend on the architecture only, and a plan must
     not need the weights (or the network) on the machine that makes it.
     """
-    from kd.models import (
+    from kd.core.models import (
         FrozenTeacher,
         build_input_norm,
         build_student,
@@ -574,7 +575,7 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
         create_timm_model,
         teacher_dtype,
     )
-    from kd.task import DistillationTask
+    from kd.core.task import DistillationTask
 
     torch.manual_seed(cfg.seed)
     dc = cfg.data
@@ -646,8 +647,8 @@ def activation_peak(built: PlanModels, cfg: Any, batch: int, device: torch.devic
 
 def _optimizer_bytes_per_param(student: torch.nn.Module, cfg: Any) -> float:
     """Bytes of optimizer state per trainable parameter, after one step of the configured one."""
-    from kd.optim import build_optimizer
-    from kd.profiler import optimizer_state_bytes as state_bytes
+    from kd.core.optim import build_optimizer
+    from kd.tools.profiler import optimizer_state_bytes as state_bytes
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(student, cfg)
@@ -671,7 +672,7 @@ def measure_models(cfg: Any, device: torch.device | None = None,
         Parameter counts and bytes, optimizer state per parameter, activation bytes per image
         and fixed, FLOPs per image.
     """
-    from kd.profiler import count_flops_safely, tensor_bytes
+    from kd.tools.profiler import count_flops_safely, tensor_bytes
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() and
@@ -684,7 +685,7 @@ def measure_models(cfg: Any, device: torch.device | None = None,
     (b1, b2), (p1, p2) = batches, peaks
     per_image = max(1.0, (p2 - p1) / (b2 - b1))  # > 0 even if a tiny model's peak is flat
     fixed = max(0.0, p1 - b1 * per_image)
-    # kd.profiler.count_flops reads these attributes of a Trainer; one image stands for the
+    # kd.tools.profiler.count_flops reads these attributes of a Trainer; one image stands for the
     # batch (FLOPs depend on shapes only).
     channels = cfg.student.kwargs.get("in_chans", 3)
     image = torch.zeros(channels, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8)

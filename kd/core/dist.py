@@ -22,7 +22,7 @@ never overriding one the user set (:func:`prepare_environment`):
 
 - ``GLOO_SOCKET_IFNAME`` from ``NCCL_SOCKET_IFNAME``: on nodes with several network interfaces
   the host name may resolve to one the other nodes cannot reach, and gloo (the CPU backend, and
-  the small group :class:`kd.guard.StopRequest` agrees on stop signals over) then hangs at
+  the small group :class:`kd.core.guard.StopRequest` agrees on stop signals over) then hangs at
   connection time while NCCL, told its interface, works;
 - ``OMP_NUM_THREADS=1`` under Open MPI with several ranks per node, as torchrun does for
   ``--nproc-per-node`` > 1 (``torch/distributed/run.py``): each rank's intra-op thread pool
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kd import watchdog
+from kd.core import watchdog
 from kd.errors import ConfigError
 
 log = logging.getLogger("kd")
@@ -367,7 +367,7 @@ def init_distributed(cfg: Any, device_preference: str = "auto") -> DistInfo:
         dist.init_process_group(backend=backend, store=_attempt_store(info, env, timeout),
                                 rank=info.rank, world_size=info.world_size, timeout=timeout,
                                 device_id=process_group_device(backend, device))
-        # Heartbeats, so that a rank that dies or hangs is named by the others (kd.watchdog).
+        # Heartbeats, so that a rank that dies or hangs is named by the others (kd.core.watchdog).
         watchdog.start(info.rank, info.world_size, cfg.timeout_s)
     return DistInfo(**dataclasses.asdict(info), device=device, backend=backend)
 

@@ -189,7 +189,7 @@ def soft_kd(
 
     Example:
         >>> import torch
-        >>> from kd.losses import soft_kd
+        >>> from kd.core.losses import soft_kd
         >>> s = torch.tensor([[2.0, 0.5, -1.0]])
         >>> t = torch.tensor([[1.0, 1.0, 0.0]])
         >>> loss = soft_kd(s, t, temperature=2.0)
@@ -239,7 +239,7 @@ def hard_kd(
 
     Example:
         >>> import torch
-        >>> from kd.losses import hard_kd
+        >>> from kd.core.losses import hard_kd
         >>> s = torch.tensor([[0.0, 0.0]])
         >>> t = torch.tensor([[3.0, -1.0]])
         >>> torch.allclose(hard_kd(s, t), torch.log(torch.tensor(2.0)))
@@ -307,7 +307,7 @@ def dkd(
 
     Example:
         >>> import torch
-        >>> from kd.losses import dkd
+        >>> from kd.core.losses import dkd
         >>> s = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
         >>> t = torch.tensor([[3.0, 0.0, -2.0], [0.5, 2.0, 0.1]])
         >>> y = torch.tensor([0, 1])
@@ -386,7 +386,7 @@ def soft_target_cross_entropy(
 
     Example:
         >>> import torch
-        >>> from kd.losses import soft_target_cross_entropy
+        >>> from kd.core.losses import soft_target_cross_entropy
         >>> z = torch.zeros(2, 4)
         >>> y = torch.tensor([1, 3])
         >>> torch.allclose(soft_target_cross_entropy(z, y), torch.log(torch.tensor(4.0)))

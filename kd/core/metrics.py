@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from kd.checkpoint import atomic_write_text
+from kd.core.checkpoint import atomic_write_text
 
 log = logging.getLogger("kd")
 

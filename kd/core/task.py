@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd.core.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
+from kd.core.models import FrozenTeacher, InputNorm, is_distilled_vit, resize
 from kd.errors import ConfigError
-from kd.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
-from kd.models import FrozenTeacher, InputNorm, is_distilled_vit, resize
 
 
 def teacher_input(teacher: FrozenTeacher, images: torch.Tensor, image_size: int | None,

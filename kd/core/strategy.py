@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from kd.dist import DistInfo
+from kd.core.dist import DistInfo
+from kd.core.optim import load_optimizer_state, optimizer_state_dict
 from kd.errors import ConfigError
-from kd.optim import load_optimizer_state, optimizer_state_dict
 
 
 class DDPStrategy:

@@ -24,7 +24,7 @@ bounded in time: the store's host may be the one that is gone.
 
 torchrun sends SIGTERM to a node's other workers as soon as one exits (and SIGKILL 30 s later).
 So that they can still name it, the watchdog turns SIGTERM into :class:`Terminated` while the
-process group is up (the training loop's own handler, :class:`kd.guard.StopRequest`, takes over
+process group is up (the training loop's own handler, :class:`kd.core.guard.StopRequest`, takes over
 inside the loop), and ignores it while a diagnosis runs and, once a fault is found, until the
 process exits. A SIGTERM that no other rank's failure explains ends the process with code 143,
 as the signal would.
@@ -75,7 +75,7 @@ STRONG_EVIDENCE = ("failed", "silent", "done", "missing")  # enough to explain a
 
 class Terminated(SystemExit):
     """SIGTERM, as an exception: what the watchdog's handler raises while the process group is
-    up (outside the training loop, whose own handler stops at a step boundary, ``kd.guard``).
+    up (outside the training loop, whose own handler stops at a step boundary, ``kd.core.guard``).
 
     torchrun sends SIGTERM to a node's workers as soon as one of them exits: as an exception,
     it leaves time to name that worker. It ends the process with code 143, as the signal would.
@@ -445,7 +445,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def start(rank: int, world_size: int, timeout_s: float,
           connect: StoreFactory | None = None) -> Watchdog:
-    """Start this process's watchdog (``kd.dist.init_distributed`` does, after the group).
+    """Start this process's watchdog (``kd.core.dist.init_distributed`` does, after the group).
 
     Without ``connect``, heartbeats go to the TCPStore at ``MASTER_ADDR:MASTER_PORT``.
     """
@@ -469,7 +469,7 @@ def start(rank: int, world_size: int, timeout_s: float,
 
 
 def stop() -> None:
-    """Stop this process's watchdog, if any (``kd.dist.cleanup`` does)."""
+    """Stop this process's watchdog, if any (``kd.core.dist.cleanup`` does)."""
     global _active, _previous_sigterm
     if _active is not None:
         _active.stop()

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kd import checkpoint as ckpt
+from kd.core import checkpoint as ckpt
 from kd.errors import CheckpointError, output_error
 
 
@@ -28,7 +28,7 @@ def export_student(checkpoint: str | Path, out: str | Path) -> Path:
     import timm.models
 
     from kd.config import load_config
-    from kd.models import build_input_norm, build_student, describe_mismatch
+    from kd.core.models import build_input_norm, build_student, describe_mismatch
 
     student_state, _, config_yaml = ckpt.load(checkpoint)
     out = Path(out)

@@ -126,8 +126,8 @@ def _with(cfg: Any, overrides: dict[str, Any]) -> Any:
 
 def run_compare(cfg: Any, seeds: int, out_dir: Path) -> dict[str, Any]:
     """Train every arm for every seed; write ``compare.json`` and ``compare.png``."""
-    from kd.dist import init_distributed
-    from kd.trainer import Trainer
+    from kd.core.dist import init_distributed
+    from kd.core.trainer import Trainer
 
     info = init_distributed(cfg.dist, cfg.train.device)
     budget, configs = plan(cfg, info.world_size)
@@ -146,7 +146,7 @@ def run_compare(cfg: Any, seeds: int, out_dir: Path) -> dict[str, Any]:
                      summary["student_top1"])
     report = _report(results, budget, [cfg.seed + k for k in range(seeds)])
     if info.is_main:
-        from kd.checkpoint import atomic_write_text
+        from kd.core.checkpoint import atomic_write_text
 
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2) + "\n")
