@@ -3,8 +3,8 @@
 A ViT-S teacher (random weights saved to a local file: speed does not depend on them) and a
 ViT-Ti student on generated images. The script
 
-1. builds a cache of ``--epochs`` epochs with ``kd.cache.build_cache`` (timed: seconds and
-   images/s of the teacher pass, bytes per image-epoch);
+1. builds a cache of ``--epochs`` epochs with ``kd.tools.cache_builder.build_cache`` (timed:
+   seconds and images/s of the teacher pass, bytes per image-epoch);
 2. builds two Trainers from the same config, one with the live teacher and one with
    ``distill.teacher_cache``, and times their ``train_step`` in alternating rounds (so that a
    machine shared with other jobs slows both alike); medians over rounds.
@@ -32,9 +32,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from kd.cache import build_cache, human_size, row_bytes
 from kd.config import load_config
+from kd.core.teacher_cache import row_bytes
 from kd.core.trainer import Trainer
+from kd.tools.cache_builder import build_cache, human_size
 
 
 def config(tmp: Path, args: argparse.Namespace, *extra: str):

@@ -25,7 +25,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kd import __version__
+from kd.config import load_command_config, load_config, reference_markdown, to_yaml
+from kd.core.checkpoint import CONFIG_FILE, atomic_write_text, find_checkpoint, verify
+from kd.core.dist import barrier, cleanup
+from kd.core.models import resolve_path
+from kd.core.trainer import Trainer
+from kd.core.watchdog import diagnose
 from kd.errors import OUTPUT_ERRNOS, Preempted, UserError, output_error
+from kd.tools import bench, compare, plan
+from kd.tools.cache_builder import build_cache, human_size
+from kd.tools.export import export_student
+from kd.tools.profiler import ProfileSettings, run_profile
+from kd.tools.report import pct_fine
+from kd.tools.tune_loader import run_tune_loader
 
 log = logging.getLogger("kd")
 
@@ -151,8 +164,6 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from kd import __version__
-
     return __version__
 
 
@@ -163,9 +174,6 @@ def _process_group() -> Iterator[None]:
     A collective that failed because another rank died or hung becomes a DistributedError that
     names that rank; any other error is published for the other ranks first (kd.core.watchdog).
     """
-    from kd.core.dist import barrier, cleanup
-    from kd.core.watchdog import diagnose
-
     try:
         yield
         # Wait for every rank, so none tears down its communicators while another still uses
@@ -184,8 +192,6 @@ def _load_config(args: argparse.Namespace) -> Any:
     """The config of a command taking ``[-c preset] [key=value ...]``
     (:func:`kd.config.load_command_config`); remembers where the values the user did not name
     came from, so that :func:`main` can say so in an error about one of them."""
-    from kd.config import load_command_config
-
     cfg, args.origins = load_command_config(args.config, args.overrides)
     return cfg
 
@@ -222,8 +228,6 @@ def _print_results(summary: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kd.core.trainer import Trainer
-
     cfg = _load_config(args)
     with _process_group():
         trainer = Trainer(cfg)
@@ -234,8 +238,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from kd.config import reference_markdown, to_yaml
-
     if args.reference:
         print(reference_markdown(), end="")
         return 0
@@ -244,23 +246,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_config(path: str, config: str | None, overrides: list[str]) -> Any:
-    from kd.config import load_config
-    from kd.core.checkpoint import CONFIG_FILE, verify
-
     verify(path)
     return load_config(config or str(Path(path) / CONFIG_FILE), overrides)
 
 
 def _exists(path: str) -> bool:
-    from kd.core.models import resolve_path
-
     return resolve_path(path).is_file()
 
 
 def _find_checkpoint(args: argparse.Namespace) -> Path:
     """``--checkpoint`` (and ``--best``) resolved to one checkpoint directory, logged."""
-    from kd.core.checkpoint import find_checkpoint
-
     path = find_checkpoint(args.checkpoint, best=args.best)
     if path != Path(args.checkpoint):
         log.info("checkpoint: %s (%s in %s)", path, "the best" if args.best else "the newest",
@@ -269,8 +264,6 @@ def _find_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kd.core.trainer import Trainer
-
     checkpoint = _find_checkpoint(args)
     cfg = _checkpoint_config(str(checkpoint), args.config, args.overrides)
     cfg.checkpoint.resume = str(checkpoint)
@@ -285,8 +278,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if trainer.dist.is_main:
         out = Path(args.out) if args.out else checkpoint.resolve().parent.parent / "eval.json"
         result = {**record, "checkpoint": str(checkpoint)}
-        from kd.core.checkpoint import atomic_write_text
-
         try:
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         except OSError as e:
@@ -296,18 +287,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kd.tools.export import export_student
-
     out = export_student(_find_checkpoint(args), args.out)
     print(f"exported the student to {out}")
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from kd.core.trainer import Trainer
-    from kd.tools.profiler import ProfileSettings, run_profile
-    from kd.tools.report import pct_fine
-
     settings = ProfileSettings(wait=args.wait, warmup=args.warmup, active=args.active,
                                top=args.top, external=args.external_profiler)
     settings.validate()  # before the models are built
@@ -342,8 +327,6 @@ def _one_line(error: UserError) -> str:
 def cmd_tune_loader(args: argparse.Namespace) -> int:
     import torch
 
-    from kd.data.tuning import run_tune_loader
-
     cfg = _load_config(args)
     try:
         prefetch = [int(p) for p in args.prefetch.split(",") if p.strip()]
@@ -360,23 +343,19 @@ def cmd_tune_loader(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from kd.tools.compare import print_table, run_compare
-
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
     cfg = _load_config(args)
     out = Path(args.out or Path(cfg.output_dir) / "compare")
     with _process_group():
-        report = run_compare(cfg, args.seeds, out)
+        report = compare.run_compare(cfg, args.seeds, out)
     if int(os.environ.get("RANK", 0)) == 0:
-        print_table(report)
+        compare.print_table(report)
         print(f"output: {out}")
     return 0
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from kd.cache import build_cache, human_size
-
     cfg = _load_config(args)
     top_k = args.top_k if args.top_k is not None else (
         cfg.distill.cache_top_k or min(10, cfg.data.num_classes))
@@ -404,39 +383,28 @@ def _yaml_mapping(text: str | None, option: str) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kd.tools.bench import (
-        check_json_path,
-        check_kd_overrides,
-        parse_image_sizes,
-        print_table,
-        run_bench,
-        write_json,
-    )
-
-    check_json_path(args.json)
-    check_kd_overrides(args.set)
-    result = run_bench(
-        args.teacher, args.student, parse_image_sizes(args.image_size), args.batch,
+    bench.check_json_path(args.json)
+    bench.check_kd_overrides(args.set)
+    result = bench.run_bench(
+        args.teacher, args.student, bench.parse_image_sizes(args.image_size), args.batch,
         args.precision, args.steps, args.warmup, args.rounds, args.device, args.num_classes,
         _yaml_mapping(args.teacher_kwargs, "--teacher-kwargs"),
         _yaml_mapping(args.student_kwargs, "--student-kwargs"), kd_overrides=args.set)
-    print_table(result)
+    bench.print_table(result)
     if args.json:
-        write_json(result, args.json)
+        bench.write_json(result, args.json)
         print(f"json: {args.json}")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kd.tools.plan import print_plan, resolve_cluster, run_plan, write_json
-
-    cluster = resolve_cluster(args.gpu, args.instance, args.nodes, args.gpus_per_node,
+    cluster = plan.resolve_cluster(args.gpu, args.instance, args.nodes, args.gpus_per_node,
                               args.network_gbps)  # before the models are built
     cfg = _load_config(args)
-    plan = run_plan(cfg, cluster, args.mfu)
-    print_plan(plan)
+    result = plan.run_plan(cfg, cluster, args.mfu)
+    plan.print_plan(result)
     if args.json:
-        write_json(plan, args.json)
+        plan.write_json(result, args.json)
         print(f"json: {args.json}")
     return 0
 

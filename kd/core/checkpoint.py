@@ -45,7 +45,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -53,7 +53,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -151,16 +151,16 @@ class CheckpointManager:
                     with open(f, "rb+") as handle:
                         os.fsync(handle.fileno())
                 files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size,
-                                                        "sha256": _sha256(f)}
+                                                        "sha256": sha256_file(f)}
             manifest = {"kd_version": kd.__version__, "step": step, "files": files}
             _write_file(tmp / MANIFEST_FILE,
                         lambda p: p.write_text(json.dumps(manifest, indent=2)))
             os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 directories
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. end of a resumed, finished run)
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as e:  # e.g. a full disk: the half-written directory goes, older stay
             shutil.rmtree(tmp, ignore_errors=True)
             # Without the file name: it lay in the temporary directory, now removed.
@@ -276,7 +276,7 @@ def verify(path: str | Path) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if f.stat().st_size != size or _sha256(f) != sha256:
+        if f.stat().st_size != size or sha256_file(f) != sha256:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its "
                                   f"manifest (size or sha256)")
     return manifest

@@ -52,8 +52,8 @@ class DistillationTask:
         label_smoothing: smoothing of the task term.
         student_core: the unwrapped student (for DeiT checks); defaults to ``student``.
         teacher_image_size: the side the teacher sees, when it is not the student's.
-        cached_teacher: the teacher's logits come from a cache (:mod:`kd.cache`): ``teacher``
-            is None and the caller passes the cached logits to :meth:`loss`.
+        cached_teacher: the teacher's logits come from a cache (:mod:`kd.core.teacher_cache`):
+            ``teacher`` is None and the caller passes the cached logits to :meth:`loss`.
     """
 
     def __init__(self, student: nn.Module, student_norm: InputNorm,

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd.cache import TeacherCache, densify
 from kd.config import to_container, to_yaml
 from kd.core import checkpoint as ckpt
+from kd.core.annotate import annotate
 from kd.core.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from kd.core.guard import (
     SkipTracker,
@@ -46,15 +46,15 @@ from kd.core.optim import build_optimizer, build_scheduler
 from kd.core.precision import autocast, maybe_enable_tf32, resolve_precision
 from kd.core.strategy import build_strategy
 from kd.core.task import DistillationTask
+from kd.core.teacher_cache import TeacherCache, densify
 from kd.core.watchdog import report_step
 from kd.data import build_eval_loader, build_train_loader
 from kd.data.batch import BatchPreparer
-from kd.data.datasets import build_split
+from kd.data.build import build_split
 from kd.data.stream import StreamBatchSampler
 from kd.data.subset import SubsetDataset, subset_record
 from kd.data.tuning import resolve_num_workers
 from kd.errors import DataError, Preempted, TeacherError, UserError, output_error
-from kd.tools.profiler import annotate
 
 log = logging.getLogger("kd")
 

@@ -3,8 +3,8 @@
 timm's :class:`~timm.data.Mixup` draws its parameters from NumPy's global generator; kd seeds
 that generator from the run seed, the rank, the epoch and the batch's position in that epoch
 before each call (and restores it after), so a batch's mixing is a pure function of where it sits
-in the data order: resumed runs, and runs replaying a teacher-output cache (:mod:`kd.cache`), mix
-exactly as the original did.
+in the data order: resumed runs, and runs replaying a teacher-output cache
+(:mod:`kd.core.teacher_cache`), mix exactly as the original did.
 
 The mixed batch is what both the student and the teacher see, and the targets become soft
 (mixed one-hot, with ``train.label_smoothing`` applied by Mixup itself).

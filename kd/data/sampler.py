@@ -49,7 +49,7 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
-        # A teacher-output cache (kd.cache) replays the augmentation seeds it recorded.
+        # A teacher-output cache (kd.core.teacher_cache) replays the augmentation seeds it recorded.
         self.recorded_seeds = recorded_seeds
 
     def __len__(self) -> int:

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from kd.data.cache_dir import default_cache_dir
 from kd.data.datasets import (
     SAMPLE_ERRORS,
     KeyedDataset,
@@ -71,7 +72,7 @@ from kd.data.datasets import (
     label_out_of_range,
     transform_image,
 )
-from kd.data.wds import IMAGE_EXTS, LABEL_EXTS, _parse_label, _split_name, find_shards, scan_shard
+from kd.data.wds import IMAGE_EXTS, LABEL_EXTS, find_shards, parse_label, scan_shard, split_name
 from kd.errors import DataError
 
 log = logging.getLogger("kd")
@@ -103,8 +104,6 @@ def check_complete(path: Path) -> None:
 
 # ------------------------------------------------------------------------- sample counts
 def _count_cache_path() -> Path:
-    from kd.data.tuning import default_cache_dir
-
     return default_cache_dir() / "wds_counts.json"
 
 
@@ -164,7 +163,7 @@ def read_shard(path: str, labels: bool) -> Iterator[RawSample]:
         for info in tar:
             if not info.isfile():
                 continue
-            k, ext = _split_name(info.name)
+            k, ext = split_name(info.name)
             if k != key:
                 if group:
                     yield _raw_sample(path, key, group, labels)
@@ -191,7 +190,7 @@ def _raw_sample(path: str, key: str | None, group: dict[str, bytes], labels: boo
     if ext is None:
         return RawSample(where, image, -1, "no label member (.cls, .cls.txt or .json)")
     try:
-        label = _parse_label(ext, group[ext])
+        label = parse_label(ext, group[ext])
     except (ValueError, UnicodeDecodeError) as e:
         return RawSample(where, image, -1, f"unreadable label member: {e}")
     if label < 0:

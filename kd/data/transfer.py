@@ -38,6 +38,7 @@ from kd.data.datasets import (
     transform_image,
 )
 from kd.data.subset import SubsetDataset, dataset_targets
+from kd.data.wds import build_wds_dataset
 from kd.errors import ConfigError, DataError
 
 log = logging.getLogger("kd")
@@ -146,8 +147,6 @@ def build_transfer_set(cfg: Any, labelled: KeyedDataset) -> KeyedDataset:
             raise DataError("data.transfer_set=rest: data.labels_per_class keeps every "
                             "training image, so no image is left for the transfer set")
     elif _is_shards(setting):
-        from kd.data.wds import build_wds_dataset
-
         transfer = build_wds_dataset("train", root=None, shards=setting,
                                      image_size=cfg.image_size, train=cfg.augment,
                                      num_classes=cfg.num_classes, labels=False,

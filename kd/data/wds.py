@@ -131,14 +131,14 @@ def find_shards(split: str, root: str | None, pattern: str | None) -> tuple[list
     return shards, where
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     """``dir/abc.cls.txt`` → (``dir/abc``, ``cls.txt``): WebDataset's key and extension."""
     folder, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return f"{folder}/{stem}" if folder else stem, ext.lower()
 
 
-def _parse_label(ext: str, data: bytes) -> int:
+def parse_label(ext: str, data: bytes) -> int:
     """The integer label in a ``cls``/``cls.txt``/``json`` member; ValueError if there is none."""
     if ext == "json":
         obj = json.loads(data)  # JSONDecodeError is a ValueError
@@ -179,7 +179,7 @@ def scan_shard(path: Path, labels: bool = True) -> _ShardIndex:
                 if info.offset_data + info.size > file_size:
                     raise tarfile.ReadError(f"member {info.name} ends past the end of the file")
                 if info.isfile():
-                    key, ext = _split_name(info.name)
+                    key, ext = split_name(info.name)
                     members.setdefault(key, {})[ext] = info
             # tarfile takes a file cut at a header boundary for a complete archive: a complete
             # one ends with a zero block (two, by POSIX) right after the last member.
@@ -217,7 +217,7 @@ def _read_label(raw: BinaryIO, exts: dict[str, tarfile.TarInfo]) -> int | str:
     info = exts[ext]
     raw.seek(info.offset_data)  # cheaper than tar.extractfile for these few bytes
     try:
-        return _parse_label(ext, raw.read(info.size))
+        return parse_label(ext, raw.read(info.size))
     except (ValueError, UnicodeDecodeError) as e:
         return f"unreadable label member {info.name}: {e}"
 

@@ -55,8 +55,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.config import load_config
+from kd.core.checkpoint import atomic_write_text, save_weights
+from kd.core.models import create_timm_model
 from kd.core.precision import autocast
+from kd.core.trainer import Trainer
 from kd.errors import ConfigError, UserError, output_error
+from kd.tools.profiler import (
+    count_flops_safely,
+    cpu_model,
+    matmul_precision,
+    measure_matmul_flops,
+    table_peak,
+)
+from kd.tools.report import fmt_flops, pct_fine
 
 log = logging.getLogger("kd")
 
@@ -252,11 +264,6 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
     Trainer's device: kd's own copy may be cast (``teacher.dtype``), and that choice is part of
     what is measured. The data is the synthetic dataset, without loader workers.
     """
-    from kd.config import load_config
-    from kd.core.checkpoint import save_weights
-    from kd.core.models import create_timm_model
-    from kd.core.trainer import Trainer
-
     t_kwargs = model_kwargs(teacher, image_size, teacher_kwargs)
     s_kwargs = model_kwargs(student, image_size, student_kwargs)
     torch.manual_seed(seed + 1)
@@ -336,13 +343,6 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
         "peak_source", "rows": {loop: {"img_per_s", "rounds", "min", "max", "spread", "mfu"}},
         "ratios": {"kd/plain", "kd/timm"}, "ratio_rounds", "kd_phases"}``.
     """
-    from kd.tools.profiler import (
-        count_flops_safely,
-        matmul_precision,
-        measure_matmul_flops,
-        table_peak,
-    )
-
     for name, value, least in (("steps", steps, 1), ("rounds", rounds, 1), ("warmup", warmup, 0),
                                ("batch", batch, 1), ("num-classes", num_classes, 2)):
         if value < least:
@@ -424,9 +424,7 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
 
 
 def describe_device(device: torch.device) -> str:
-    from kd.tools.profiler import _cpu_model
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
@@ -483,8 +481,6 @@ def print_table(result: dict[str, Any]) -> None:
     """The result as a rich table: one row per image size and loop."""
     from rich.console import Console
     from rich.table import Table
-
-    from kd.tools.report import fmt_flops, pct_fine
 
     s, m = result["settings"], result["machine"]
     precision = result["runs"][0]["precision"] if result["runs"] else s["precision"]
@@ -544,8 +540,6 @@ def check_json_path(path: str | Path | None) -> None:
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Every number, the settings and the machine, as JSON (written atomically)."""
-    from kd.core.checkpoint import atomic_write_text
-
     try:
         atomic_write_text(Path(path), json.dumps(result, indent=1) + "\n")
     except OSError as e:

@@ -27,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import to_yaml
+from kd.core.checkpoint import atomic_write_text
+from kd.core.dist import init_distributed
+from kd.core.trainer import Trainer
+from kd.data.build import build_split
 from kd.errors import ConfigError
 
 log = logging.getLogger("kd")
@@ -76,8 +80,6 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
 
 
 def _train_size(cfg: Any) -> int:
-    from kd.data.datasets import build_split
-
     return len(build_split(cfg.data, "train", cfg.student.kwargs.get("in_chans", 3), cfg.seed))
 
 
@@ -126,9 +128,6 @@ def _with(cfg: Any, overrides: dict[str, Any]) -> Any:
 
 def run_compare(cfg: Any, seeds: int, out_dir: Path) -> dict[str, Any]:
     """Train every arm for every seed; write ``compare.json`` and ``compare.png``."""
-    from kd.core.dist import init_distributed
-    from kd.core.trainer import Trainer
-
     info = init_distributed(cfg.dist, cfg.train.device)
     budget, configs = plan(cfg, info.world_size)
     log.info("kd compare: arms %s, %d seeds, %d steps of %d images per process each",
@@ -146,8 +145,6 @@ def run_compare(cfg: Any, seeds: int, out_dir: Path) -> dict[str, Any]:
                      summary["student_top1"])
     report = _report(results, budget, [cfg.seed + k for k in range(seeds)])
     if info.is_main:
-        from kd.core.checkpoint import atomic_write_text
-
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))

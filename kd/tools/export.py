@@ -19,16 +19,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kd.config import load_config
 from kd.core import checkpoint as ckpt
+from kd.core.models import build_input_norm, build_student, describe_mismatch
 from kd.errors import CheckpointError, output_error
 
 
 def export_student(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the checkpoint's student to ``out`` (replaced atomically); returns ``out``."""
     import timm.models
-
-    from kd.config import load_config
-    from kd.core.models import build_input_norm, build_student, describe_mismatch
 
     student_state, _, config_yaml = ckpt.load(checkpoint)
     out = Path(out)

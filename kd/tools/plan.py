@@ -47,9 +47,22 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kd.core.models import (
+    FrozenTeacher,
+    build_input_norm,
+    build_student,
+    check_model_input,
+    create_timm_model,
+    teacher_dtype,
+)
+from kd.core.optim import build_optimizer
 from kd.core.precision import DTYPES, autocast
 from kd.core.strategy import deepspeed_bucket_size
+from kd.core.task import DistillationTask
+from kd.data.datasets import DigitsDataset
 from kd.errors import UserError, output_error
+from kd.tools.profiler import count_flops_safely, matmul_precision, table_peak, tensor_bytes
+from kd.tools.profiler import optimizer_state_bytes as state_bytes
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3
@@ -83,8 +96,6 @@ class GpuSpec:
 
     def peak_flops(self, precision: str) -> float:
         """Dense peak FLOP/s for a matmul precision (bf16, fp16, tf32, fp32)."""
-        from kd.tools.profiler import table_peak
-
         peak = table_peak(self.device_name, precision)
         if peak is None:
             raise UserError(f"no {precision} peak for {self.device_name} in kd's table")
@@ -387,8 +398,6 @@ def build_plan(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup,
     Raises:
         UserError: ``mfu`` outside (0, 1].
     """
-    from kd.tools.profiler import matmul_precision
-
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu}: a fraction of the peak in (0, 1]")
     world, gpu = cluster.world_size, cluster.gpu
@@ -540,8 +549,6 @@ class LiveTensorBytes(TorchDispatchMode):
 def data_channels(cfg: Any) -> int:
     """The channels of the configured dataset's images, without reading it: digits are grey,
     the image datasets decode to RGB, and synthetic images take the student's ``in_chans``."""
-    from kd.data.datasets import DigitsDataset
-
     if cfg.data.name == "digits":
         return DigitsDataset.channels
     if cfg.data.name == "synthetic":
@@ -567,16 +574,6 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
     ``teacher.checkpoint``: memory and FLOPs depend on the architecture only, and a plan must
     not need the weights (or the network) on the machine that makes it.
     """
-    from kd.core.models import (
-        FrozenTeacher,
-        build_input_norm,
-        build_student,
-        check_model_input,
-        create_timm_model,
-        teacher_dtype,
-    )
-    from kd.core.task import DistillationTask
-
     torch.manual_seed(cfg.seed)
     dc = cfg.data
     classes = dc.num_classes
@@ -647,9 +644,6 @@ def activation_peak(built: PlanModels, cfg: Any, batch: int, device: torch.devic
 
 def _optimizer_bytes_per_param(student: torch.nn.Module, cfg: Any) -> float:
     """Bytes of optimizer state per trainable parameter, after one step of the configured one."""
-    from kd.core.optim import build_optimizer
-    from kd.tools.profiler import optimizer_state_bytes as state_bytes
-
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(student, cfg)
     for p in trainable:
@@ -672,8 +666,6 @@ def measure_models(cfg: Any, device: torch.device | None = None,
         Parameter counts and bytes, optimizer state per parameter, activation bytes per image
         and fixed, FLOPs per image.
     """
-    from kd.tools.profiler import count_flops_safely, tensor_bytes
-
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() and
                               cfg.train.device != "cpu" else "cpu")

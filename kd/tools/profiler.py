@@ -1,30 +1,17 @@
-"""Annotations, and the profiling run behind ``kd profile``.
+"""The profiling run behind ``kd profile``, and the measurements other tools share.
 
-Two parts:
+The ranges it reads are opened by :func:`kd.core.annotate.annotate` around every training phase.
 
-- :func:`annotate` — the named range every training phase runs in. It always opens a
-  ``torch.profiler.record_function`` range (a few microseconds when no profiler listens), an NVTX
-  range when CUDA is in use (Nsight Systems shows it), and a SageMaker Profiler annotation when
-  that profiler's ``smprof`` module imports (it ships only inside SageMaker's training
-  containers). Which of these apply is decided once, at the first call, so a training step pays
-  nothing per call for the ones that do not.
 - :func:`run_profile` — a short training run under ``torch.profiler`` on every rank, with a
   background sampler of CPU (and GPU) utilisation, per-step phase times, counted FLOPs and a
   measured or tabulated peak; rank 0 gathers every rank's summary and writes the report
   (:mod:`kd.tools.report`).
 
-Example:
-    >>> from kd.tools.profiler import annotate
-    >>> with annotate("teacher_forward"):
-    ...     pass
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-import importlib.util
 import json
 import logging
 import platform
@@ -44,98 +31,13 @@ from torch.autograd import DeviceType
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from kd.core.annotate import SMPROF_MODULE, import_smprof
 from kd.errors import UserError
+from kd.tools import report
 
 log = logging.getLogger("kd")
 
-# SageMaker Profiler's Python module. It was called `smppy` in containers released before
-# December 2023; PyPI's `smppy` is an unrelated package, so only `smprof` is looked for.
-SMPROF_MODULE = "smprof"
 EXTERNAL_PROFILERS = ("none", "nsys", "sagemaker")
-
-
-# ------------------------------------------------------------------------------ annotations
-class _NvtxRange:
-    """An NVTX push/pop pair (torch.cuda.nvtx), shown as a named range by Nsight Systems."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> None:
-        torch.cuda.nvtx.range_push(self.name)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.cuda.nvtx.range_pop()
-
-
-class _Ranges:
-    """Several range context managers entered as one, innermost last."""
-
-    __slots__ = ("factories", "name", "stack")
-
-    def __init__(self, name: str, factories: tuple[Callable[[str], Any], ...]) -> None:
-        self.name, self.factories = name, factories
-        self.stack = contextlib.ExitStack()
-
-    def __enter__(self) -> None:
-        for factory in self.factories:
-            self.stack.enter_context(factory(self.name))
-
-    def __exit__(self, *exc: Any) -> bool:
-        return bool(self.stack.__exit__(*exc))
-
-
-def import_smprof() -> Any | None:
-    """SageMaker Profiler's module when it imports and offers ``annotate``, else None.
-
-    The documented API (AWS, "Prepare and run a training job with SageMaker Profiler") is
-    ``smprof.annotate(name)`` as a context manager, plus ``smprof.SMProfiler.instance()`` with
-    ``configure``/``start_profiling``/``stop_profiling``; a module without ``annotate`` is
-    treated as absent.
-    """
-    try:
-        if importlib.util.find_spec(SMPROF_MODULE) is None:
-            return None
-        module = importlib.import_module(SMPROF_MODULE)
-    except Exception as e:  # a broken install inside a container must not stop training
-        log.debug("%s does not import (%s); no SageMaker Profiler annotations", SMPROF_MODULE, e)
-        return None
-    return module if callable(getattr(module, "annotate", None)) else None
-
-
-@functools.cache
-def range_factories() -> tuple[Callable[[str], Any], ...]:
-    """The range kinds :func:`annotate` opens, decided once (at its first call).
-
-    The trainer first annotates after the models are on their device, so CUDA is initialised
-    by then when it is used at all.
-    """
-    factories: list[Callable[[str], Any]] = [torch.profiler.record_function]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        factories.append(_NvtxRange)
-    smprof = import_smprof()
-    if smprof is not None:
-        factories.append(smprof.annotate)
-    return tuple(factories)
-
-
-def annotate(name: str) -> contextlib.AbstractContextManager:
-    """A named range for profilers: torch.profiler always, NVTX on CUDA, SageMaker when present.
-
-    Args:
-        name: the range's name, e.g. ``teacher_forward``.
-
-    Example:
-        >>> with annotate("data"):
-        ...     batch = [1, 2, 3]
-    """
-    factories = range_factories()
-    if len(factories) == 1:  # CPU outside SageMaker: just record_function, no wrapper
-        return factories[0](name)
-    return _Ranges(name, factories)
-
 
 # ------------------------------------------------------------------------------ step timer
 class StepTimer:
@@ -560,7 +462,7 @@ def _op_rows(prof: torch.profiler.profile) -> list[dict[str, Any]]:
     return rows
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -615,8 +517,6 @@ def run_profile(trainer: Any, out_dir: str | Path,
         >>> run_profile(trainer, "runs/p")["verdict"]["kind"]  # doctest: +SKIP
         'compute-bound'
     """
-    from kd.tools import report
-
     settings = settings or ProfileSettings()
     settings.validate()
     info, device = trainer.dist, trainer.device
@@ -725,8 +625,6 @@ def rank_op_totals(ops: list[dict[str, Any]], ops_on: str, exclude: Iterable[str
     (gloo) there are no device kernels; the totals stay as ``op_totals`` gives them, without
     ``exposed_comm_s``, and the verdict counts all of the backend's time, as it always has.
     """
-    from kd.tools import report
-
     totals = report.op_totals(ops, ops_on, exclude=list(exclude))
     if ops_on == "cuda" and trace.is_file():
         kernels = report.trace_kernels(json.loads(trace.read_text()))
@@ -784,7 +682,7 @@ def _run_meta(trainer: Any, settings: ProfileSettings, ops_on: str) -> dict[str,
         "world_size": info.world_size, "local_world_size": info.local_world_size,
         "backend": info.backend, "device": device.type, "ops_on": ops_on,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else _cpu_model()),
+                        else cpu_model()),
         "logical_cores": psutil.cpu_count(logical=True) or 1,
         "threads": torch.get_num_threads(),
         "num_workers": int(getattr(trainer, "num_workers", cfg.data.num_workers)),

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cache import CacheBuilder, build_cache, shard_name
+from kd.core.teacher_cache import shard_name
 from kd.core.trainer import Trainer
+from kd.tools.cache_builder import CacheBuilder, build_cache
 from tests.conftest import TINY
 from tests.integration.conftest import (
     assert_one_line_user_error,

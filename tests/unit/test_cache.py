@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from kd.cache import densify, first_difference, rank_batches, row_bytes, top_k_rows
 from kd.core.losses import hard_kd, soft_kd
+from kd.core.teacher_cache import densify, first_difference, row_bytes, top_k_rows
 from kd.data.sampler import TrainBatchSampler
+from kd.tools.cache_builder import rank_batches
 
 
 def test_row_bytes_is_4k_plus_12() -> None:
@@ -93,7 +94,7 @@ def test_with_mixing_the_batches_are_the_training_batches() -> None:
 
 
 def test_teacher_hash_covers_every_tensor_including_0_dim_ones() -> None:
-    from kd.cache import teacher_hash
+    from kd.core.teacher_cache import teacher_hash
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))

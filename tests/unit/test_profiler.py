@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd.core.annotate import annotate, range_factories
 from kd.core.metrics import ConsoleSink, format_seconds, phase_line
 from kd.core.trainer import PHASES, PhaseTimer
 from kd.errors import UserError
@@ -24,12 +25,10 @@ from kd.tools.profiler import (
     ProfileSettings,
     ResourceSampler,
     StepTimer,
-    annotate,
     matmul_precision,
     measure_matmul_flops,
     optimizer_state_bytes,
     prepare_run_dir,
-    range_factories,
     table_peak,
 )
 from kd.tools.report import Facts, classify, op_totals, phase_spread, recommend

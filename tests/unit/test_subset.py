@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from kd.config import load_config
-from kd.data.datasets import build_split
+from kd.data.build import build_split
 from kd.data.sampler import TrainBatchSampler
 from kd.data.subset import SubsetDataset, fingerprint, select_per_class
 from kd.errors import ConfigError

@@ -13,7 +13,7 @@ from PIL import Image
 
 from kd.config import load_config
 from kd.core.trainer import Trainer
-from kd.data.datasets import build_split
+from kd.data.build import build_split
 from kd.data.mix import apply_mixup, build_mixup
 from kd.data.transfer import LabelledAndTransfer, labelled_share
 from kd.errors import ConfigError, DataError
