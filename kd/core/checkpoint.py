@@ -41,8 +41,23 @@ CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
 BEST_FILE = "best.json"  # which checkpoint has the best student top-1 so far
 _PREFIX = "step_"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def umask() -> int:
+    """This process's file-mode creation mask, read without changing it.
+
+    Linux reports it in /proc/self/status (since 4.7); elsewhere the only way is to set it and
+    put it back, which happens here when a file is written, never at import.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: Path) -> str:
@@ -63,7 +78,7 @@ def fsync_dir(path: Path) -> None:
 
 def _write_file(path: Path, write: Callable[[Path], None]) -> None:
     write(path)
-    os.chmod(path, 0o666 & ~_UMASK)  # safetensors creates 0600 files; keep the usual mode
+    os.chmod(path, 0o666 & ~umask())  # safetensors creates 0600 files; keep the usual mode
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -73,7 +88,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; keep the usual mode
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files; keep the usual mode
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -155,7 +170,7 @@ class CheckpointManager:
             manifest = {"kd_version": kd.__version__, "step": step, "files": files}
             _write_file(tmp / MANIFEST_FILE,
                         lambda p: p.write_text(json.dumps(manifest, indent=2)))
-            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 directories
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700 directories
             fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. end of a resumed, finished run)
                 shutil.rmtree(final)

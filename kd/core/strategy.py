@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,35 @@ from torch.optim import Optimizer
 from kd.core.dist import DistInfo
 from kd.core.optim import load_optimizer_state, optimizer_state_dict
 from kd.errors import ConfigError
+
+
+class Strategy(Protocol):
+    """What the trainer asks of a strategy; :class:`DDPStrategy` and :class:`DeepSpeedStrategy`
+    both provide it."""
+
+    model: nn.Module  # the module to call forward on (wrapped: DDP, the DeepSpeed engine)
+    optimizer: Any  # what the schedule drives (its param_groups) and checkpoints hold
+    sharded_checkpoint: bool  # whether every rank writes part of a checkpoint
+
+    def maybe_no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Skip gradient synchronisation on all but the last micro-batch of a step."""
+        ...
+
+    def backward(self, loss: torch.Tensor, accum_steps: int, last_micro_batch: bool) -> None:
+        ...
+
+    def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, step and zero the gradients; ``(skipped, grad_norm)`` as device tensors."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path) -> None:
+        ...
+
+    def save_sharded(self, directory: Path) -> None:
+        ...
 
 
 class DDPStrategy:
@@ -242,7 +271,7 @@ class DeepSpeedStrategy:
 
 
 def build_strategy(model: nn.Module, optimizer: Optimizer, info: DistInfo, cfg: Any,
-                   precision: str) -> DDPStrategy | DeepSpeedStrategy:
+                   precision: str) -> Strategy:
     """The strategy named by ``cfg.dist.strategy``."""
     if cfg.dist.strategy == "deepspeed":
         return DeepSpeedStrategy(model, optimizer, info, precision, cfg.optim.grad_clip,

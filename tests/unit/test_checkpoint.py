@@ -6,6 +6,8 @@ import json
 import os
 import random
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -313,10 +315,9 @@ def test_latest_pointer_to_a_missing_dir_falls_back(manager: CheckpointManager) 
 
 
 @pytest.fixture
-def umask_022(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def umask_022() -> Iterator[None]:
     """Run under the usual default umask, whatever the test runner's is."""
     old = os.umask(0o022)
-    monkeypatch.setattr(ckpt, "_UMASK", 0o022)
     try:
         yield
     finally:
@@ -353,9 +354,8 @@ def test_checkpoint_files_are_world_readable(manager: CheckpointManager, umask_0
         assert mode(f) & 0o044 == 0o044, f"{f.name}: {oct(mode(f))}"
 
 
-def test_file_modes_follow_a_strict_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_file_modes_follow_a_strict_umask(tmp_path: Path) -> None:
     old = os.umask(0o077)
-    monkeypatch.setattr(ckpt, "_UMASK", 0o077)
     try:
         manager = CheckpointManager(tmp_path / "c", keep=2)
         path = save(manager, 1)
@@ -440,3 +440,23 @@ def test_best_needs_a_best_json(tmp_path: Path) -> None:
     save(CheckpointManager(tmp_path / "checkpoints", keep=3), 10)
     with pytest.raises(CheckpointError, match=r"no best\.json"):
         ckpt.find_checkpoint(tmp_path, best=True)
+
+
+def test_importing_kd_leaves_the_umask_alone() -> None:
+    # Reading the umask used to set it to 0 and back at import: a window in which another
+    # thread's files were created world-writable.
+    code = ("import os\ncalls = []\nreal = os.umask\n"
+            "os.umask = lambda mask: calls.append(mask) or real(mask)\n"
+            "import kd.core.checkpoint, kd.core.trainer, kd.cli\nprint(calls)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_umask_is_read_without_changing_it() -> None:
+    from kd.core.checkpoint import umask
+
+    mask = os.umask(0o027)
+    try:
+        assert umask() == 0o027 and os.umask(0o027) == 0o027
+    finally:
+        os.umask(mask)
