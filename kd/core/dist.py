@@ -44,6 +44,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -255,10 +256,20 @@ def _matching_interfaces(pattern: str, names: Sequence[str]) -> list[str]:
 
 
 def _interface_names() -> list[str]:
+    """This host's interfaces that are up and have an IP address, in kernel order.
+
+    NCCL considers only interfaces with an address; listing the others too would hand gloo a
+    placeholder (``ifb0``, ``tunl0``, ``sit0``: often listed before ``eth0`` in containers) that
+    it cannot bind ("Unable to find address for: ifb0").
+    """
     try:
-        return [name for _, name in socket.if_nameindex()]
+        names = [name for _, name in socket.if_nameindex()]
+        addresses, stats = psutil.net_if_addrs(), psutil.net_if_stats()
     except OSError:
         return []
+    ip = (socket.AF_INET, socket.AF_INET6)
+    return [n for n in names if n in stats and stats[n].isup
+            and any(a.family in ip for a in addresses.get(n, ()))]
 
 
 def prepare_environment(info: WorldInfo, env: Mapping[str, str] | None = None,

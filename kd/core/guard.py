@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from types import FrameType
@@ -86,9 +87,10 @@ class _GlooFlags:
 class _DefaultGroupFlags:
     """Stop flags all-reduced as a device tensor on the default group (for smddp)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, timeout_s: float) -> None:
         # float32: integer reductions may not be offered by every backend; a sum of 0/1 flags is
         # exact in float32 up to 2**24 ranks.
+        self.timeout_s = timeout_s
         self.flags = torch.zeros(1, dtype=torch.float32, device=device)
         self.cuda = device.type == "cuda"
         self.host = torch.zeros(1, dtype=torch.float32, pin_memory=self.cuda)
@@ -117,10 +119,24 @@ class _DefaultGroupFlags:
         if not self._pending:
             return False
         if self.copied is not None:
-            self.copied.synchronize()  # the device is done with the previous boundary
+            self._wait_for_copy()  # the device is done with the previous boundary
             return bool(self.host.item())  # pinned host memory: no device synchronisation
         self._work.wait()
         return bool(self.flags.item())  # a CPU tensor
+
+    def _wait_for_copy(self) -> None:
+        """Poll the event rather than block in cudaEventSynchronize: a peer that died leaves
+        the all-reduce unfinished, and a blocked host would run no signal handler and raise
+        nothing for the watchdog to diagnose."""
+        assert self.copied is not None
+        deadline = time.monotonic() + self.timeout_s
+        delay = 1e-5
+        while not self.copied.query():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stop-flag all-reduce on the default group did not "
+                                   f"finish within dist.timeout_s={self.timeout_s:g} s")
+            time.sleep(delay)
+            delay = min(2 * delay, 0.01)
 
     def finish(self) -> None:
         self.result()
@@ -157,7 +173,7 @@ class StopRequest:
                 if device is None:
                     device = (torch.device("cuda", torch.cuda.current_device())
                               if torch.cuda.is_available() else torch.device("cpu"))
-                self._exchange = _DefaultGroupFlags(device)
+                self._exchange = _DefaultGroupFlags(device, timeout_s)
             else:
                 self._exchange = _GlooFlags(timeout_s)
         if threading.current_thread() is threading.main_thread():

@@ -3,7 +3,7 @@
 Building happens once, in a fixed order: device and distributed → data → models → task →
 optimizer → checkpoint (resume) → metrics. A training step is
 data → teacher forward → student forward → loss → backward → optimizer, each timed and wrapped
-in a range of that name (``kd.tools.profiler.annotate``: torch.profiler, NVTX on CUDA, SageMaker
+in a range of that name (``kd.core.annotate.annotate``: torch.profiler, NVTX on CUDA, SageMaker
 Profiler where present).
 """
 

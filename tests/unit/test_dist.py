@@ -388,3 +388,28 @@ def test_deepspeed_bucket_memory_on_cuda(stage, buckets, monkeypatch):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def test_gloo_is_given_only_interfaces_that_are_up_with_an_address(monkeypatch) -> None:
+    # Containers list address-less placeholders (ifb0, tunl0) before eth0; gloo cannot bind them.
+    import socket
+    from types import SimpleNamespace
+
+    import psutil
+
+    from kd.core import dist as kd_dist
+
+    def addr(family):
+        return SimpleNamespace(family=family)
+
+    monkeypatch.setattr(socket, "if_nameindex",
+                        lambda: [(1, "lo"), (2, "ifb0"), (3, "tunl0"), (4, "eth0"), (5, "eth1")])
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: {
+        "lo": [addr(socket.AF_INET)], "ifb0": [addr(psutil.AF_LINK)], "tunl0": [],
+        "eth0": [addr(socket.AF_INET)], "eth1": [addr(socket.AF_INET6)]})
+    monkeypatch.setattr(psutil, "net_if_stats", lambda: {
+        n: SimpleNamespace(isup=n != "eth1") for n in ("lo", "ifb0", "tunl0", "eth0", "eth1")})
+    assert kd_dist._interface_names() == ["lo", "eth0"]
+    changes = kd_dist.prepare_environment(kd_dist.WorldInfo(world_size=2),
+                                          env={"NCCL_SOCKET_IFNAME": "^lo,docker0"})
+    assert changes == {"GLOO_SOCKET_IFNAME": "eth0"}

@@ -233,3 +233,15 @@ def test_build_optimizer_picks_fused_kernels_unless_told_otherwise() -> None:
     assert not build_optimizer(model, cfg).defaults.get("fused")
     cfg.name, cfg.kwargs = "lamb", {}  # timm's own: no fused kernel
     assert "fused" not in build_optimizer(model, cfg).defaults
+
+
+def test_the_default_group_flag_wait_is_bounded_by_the_timeout() -> None:
+    # A peer that died leaves the all-reduce unfinished: the wait must end with an error, not
+    # block the host (where no signal handler runs) for ever.
+    from kd.core.guard import _DefaultGroupFlags
+
+    flags = _DefaultGroupFlags(torch.device("cpu"), timeout_s=0.05)
+    flags.copied = type("NeverDone", (), {"query": lambda self: False})()
+    flags._pending = True
+    with pytest.raises(RuntimeError, match=r"dist.timeout_s=0.05"):
+        flags.result()
