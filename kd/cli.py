@@ -62,7 +62,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd", description="Knowledge distillation for ViTs.")
-    parser.add_argument("--version", action="version", version=f"kd {_version()}")
+    parser.add_argument("--version", action="version", version=f"kd {__version__}")
     sub = parser.add_subparsers(dest="command")
     _add_config_args(sub.add_parser("train", help="distil a teacher into a student"))
     p = sub.add_parser("config", help="print the resolved config")
@@ -161,10 +161,6 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "train.compile_mode, teacher.dtype, optim.zero, train.log_phases; "
                    "repeatable): the plain loop in the same run is the control")
     p.add_argument("--json", metavar="FILE", help="write every number and the machine here")
-
-
-def _version() -> str:
-    return __version__
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ def fix_posterize(transform: Any) -> int:
     transform object only. Returns the number of ops changed.
     """
     changed = 0
-    for step in getattr(transform, "transforms", [transform]):
+    for step in transform_steps(transform):
         ops = list(getattr(step, "ops", []) or [])
         for sub_policy in getattr(step, "policy", []) or []:
             ops.extend(sub_policy)

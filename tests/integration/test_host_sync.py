@@ -44,6 +44,16 @@ class HostTraffic(TorchDispatchMode):
         super().__init__()
         self.active, self.seen = False, []
 
+    @contextlib.contextmanager
+    def paused(self, pause: bool = True) -> Iterator[None]:
+        """Stop recording (while ``pause``) inside the block; the previous state after."""
+        was = self.active
+        self.active = was and not pause
+        try:
+            yield
+        finally:
+            self.active = was
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         kwargs = kwargs or {}
         if self.active and func in HOST_OPS:
@@ -75,13 +85,8 @@ def audit(trainer: Trainer, monkeypatch: pytest.MonkeyPatch, steps: int = 5) -> 
 
     @contextlib.contextmanager
     def phase_outside_data(name: str, host: bool = False) -> Iterator[None]:
-        was = traffic.active
-        traffic.active = was and name != "data"
-        try:
-            with phase(name, host):
-                yield
-        finally:
-            traffic.active = was
+        with traffic.paused(name == "data"), phase(name, host):
+            yield
 
     monkeypatch.setattr(trainer.timer, "phase", phase_outside_data)
     # Starting an epoch's loader iterator draws its base seed on the host (a CPU tensor):
@@ -89,11 +94,8 @@ def audit(trainer: Trainer, monkeypatch: pytest.MonkeyPatch, steps: int = 5) -> 
     loader_iter = torch.utils.data.DataLoader.__iter__
 
     def iter_outside(loader: Any) -> Any:
-        was, traffic.active = traffic.active, False
-        try:
+        with traffic.paused():
             return loader_iter(loader)
-        finally:
-            traffic.active = was
 
     monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iter_outside)
 
