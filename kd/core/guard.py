@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -48,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
+from kd.core import signals
 from kd.errors import DivergedError
 
 log = logging.getLogger("kd")
@@ -167,7 +167,6 @@ class StopRequest:
         self.flag = False
         self.signal_name: str | None = None
         self._exchange: _GlooFlags | _DefaultGroupFlags | None = None
-        self._previous: dict[int, Any] = {}
         if distributed:
             if dist.get_backend() in SINGLE_GROUP_BACKENDS:
                 if device is None:
@@ -176,9 +175,8 @@ class StopRequest:
                 self._exchange = _DefaultGroupFlags(device, timeout_s)
             else:
                 self._exchange = _GlooFlags(timeout_s)
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handler)
+        # They take the stop signals until close() (kd.core.signals); none off the main thread.
+        self._registrations = [signals.push(sig, self._handler) for sig in STOP_SIGNALS]
 
     @property
     def group(self) -> Any:
@@ -208,15 +206,15 @@ class StopRequest:
         return stop
 
     def close(self) -> None:
-        """Finish the pending all-reduce and restore the previous signal handlers."""
+        """Finish the pending all-reduce and remove this request's signal handlers."""
         if self._exchange is not None:
             try:
                 self._exchange.finish()
             except RuntimeError:  # the group is already broken: nothing left to agree on
                 pass
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        for registration in self._registrations:
+            signals.pop(registration)
+        self._registrations = []
 
 
 # torchrun waits this long after passing SIGTERM on before it SIGKILLs its workers; torch 2.12

@@ -27,14 +27,16 @@ So that they can still name it, the watchdog turns SIGTERM into :class:`Terminat
 process group is up (the training loop's own handler, :class:`kd.core.guard.StopRequest`, takes over
 inside the loop), and ignores it while a diagnosis runs and, once a fault is found, until the
 process exits. A SIGTERM that no other rank's failure explains ends the process with code 143,
-as the signal would.
+as the signal would. These handlers are registered with :mod:`kd.core.signals`, which decides
+which one is in effect.
 
 Cost: one small store write per rank per heartbeat, from the thread, and an integer assignment
 per training step (:func:`report_step`); nothing on the device, no collectives.
 
-For tests only, ``KD_TEST_FAULT=RANK:STEP:KIND`` makes rank ``RANK`` fail right after step
-``STEP``: ``kill`` (SIGKILL itself), ``stop`` (SIGSTOP itself: frozen, heartbeat included) or
-``hang`` (sleep forever in the training loop; its heartbeat goes on).
+:func:`add_step_observer` registers a function called after each step the watchdog records,
+with the rank and the step: a seam for what must happen at an exact step of a distributed run.
+The tests inject faults through it (``tests/multiproc/faults.py``: a rank that kills, stops or
+hangs itself right after a given step).
 """
 
 from __future__ import annotations
@@ -51,17 +53,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any
 
 import psutil
 import torch.distributed as dist
 
+from kd.core import signals
 from kd.errors import DistributedError
 
 log = logging.getLogger("kd")
 
-TEST_FAULT_ENV = "KD_TEST_FAULT"
-TEST_FAULTS = ("kill", "stop", "hang")
 # Substrings of the RuntimeErrors gloo raises when a peer's connection closes or a collective
 # times out (its transport's source path, then the reason); NCCL's and the store's errors are
 # torch.distributed.DistError subclasses.
@@ -70,6 +70,7 @@ COLLECTIVE_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection
 MAX_NAMED = 4  # ranks named in the message; the rest are counted
 
 StoreFactory = Callable[[], dist.Store]
+StepObserver = Callable[[int, int], None]  # (rank, step)
 STRONG_EVIDENCE = ("failed", "silent", "done", "missing")  # enough to explain a SIGTERM
 
 
@@ -268,7 +269,6 @@ class Watchdog:
         self._written = threading.Condition()
         self._thread: threading.Thread | None = None
         self.pid = os.getpid()
-        self._test_fault = _parse_test_fault(os.environ.get(TEST_FAULT_ENV), rank)
 
     def key(self, rank: int) -> str:
         return f"{self.prefix}/{rank}"
@@ -303,8 +303,6 @@ class Watchdog:
     def report_step(self, step: int) -> None:
         """Record ``step`` completed optimizer steps (an attribute store; no I/O)."""
         self.step = step
-        if self._test_fault is not None and step == self._test_fault[0]:
-            _inject_test_fault(self.rank, step, self._test_fault[1])
 
     def publish(self, state: str, detail: str = "", wait_s: float = 2.0) -> None:
         """Write ``state`` now (from the thread) and wait up to ``wait_s`` for the write."""
@@ -361,13 +359,13 @@ class Watchdog:
         a fault is found: the rank is ending, and torchrun's SIGTERM, sent as soon as another
         worker exits, must not cut the diagnosis short or replace its exit code.
         """
-        restore = _ignore_sigterm()
+        ignoring = signals.push(signal.SIGTERM, signal.SIG_IGN)
         fault = None
         try:
             fault = self._diagnose(error)
         finally:
             if fault is None:
-                restore()
+                signals.pop(ignoring)
         return fault
 
     def _diagnose(self, error: BaseException) -> DistributedError | None:
@@ -397,48 +395,16 @@ class Watchdog:
                                                time.time(), self.timeout_s))
 
 
-def _ignore_sigterm() -> Callable[[], None]:
-    """Ignore SIGTERM (in the main thread only); returns what puts the handler back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def _parse_test_fault(value: str | None, rank: int) -> tuple[int, str] | None:
-    """``RANK:STEP:KIND`` from :data:`TEST_FAULT_ENV`, when it targets ``rank``."""
-    if not value:
-        return None
-    try:
-        target, step, kind = value.split(":")
-        if kind not in TEST_FAULTS:
-            raise ValueError(kind)
-        return (int(step), kind) if int(target) == rank else None
-    except ValueError:
-        raise ValueError(f"{TEST_FAULT_ENV}={value!r}: expected RANK:STEP:KIND with KIND one "
-                         f"of {', '.join(TEST_FAULTS)}") from None
-
-
-def _inject_test_fault(rank: int, step: int, kind: str) -> None:
-    print(f"kd-test: rank {rank} (pid {os.getpid()}) injects '{kind}' after step {step} at "
-          f"{time.time():.3f}", flush=True)
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
-    while kind == "hang":
-        time.sleep(3600)
-
-
 # ------------------------------------------------------------------------ this process's watchdog
 _active: Watchdog | None = None
-_previous_sigterm: Any = None
+_sigterm: signals.Registration | None = None  # _on_sigterm's, while _active runs
+_step_observers: list[StepObserver] = []
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    if _active is None or os.getpid() != _active.pid:  # a forked data-loader worker
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+    """SIGTERM while the process group is up: :class:`Terminated`, to diagnose (see above)."""
+    if _active is None:  # stopped from a thread that could not remove this handler
+        signals.default_action(signum)
         return
     raise Terminated()
 
@@ -449,9 +415,8 @@ def start(rank: int, world_size: int, timeout_s: float,
 
     Without ``connect``, heartbeats go to the TCPStore at ``MASTER_ADDR:MASTER_PORT``.
     """
-    global _active
-    if _active is not None:
-        _active.stop()
+    global _active, _sigterm
+    stop()
     if connect is None:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         store_timeout = timedelta(seconds=max(2.0, 2 * heartbeat_interval(timeout_s)))
@@ -462,28 +427,40 @@ def start(rank: int, world_size: int, timeout_s: float,
 
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     _active = Watchdog(rank, world_size, connect, timeout_s, prefix=f"kd/heartbeat/{restart}")
-    if threading.current_thread() is threading.main_thread():
-        global _previous_sigterm
-        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm = signals.push(signal.SIGTERM, _on_sigterm)
     return _active.start()
 
 
 def stop() -> None:
-    """Stop this process's watchdog, if any (``kd.core.dist.cleanup`` does)."""
-    global _active, _previous_sigterm
+    """Stop this process's watchdog, if any (``kd.core.dist.cleanup`` does).
+
+    Its SIGTERM handler goes; a SIGTERM ignored by a diagnosis that found a fault stays ignored.
+    """
+    global _active, _sigterm
     if _active is not None:
         _active.stop()
         _active = None
-    if _previous_sigterm is not None and threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # else a diagnosis ignores it
-            signal.signal(signal.SIGTERM, _previous_sigterm)
-        _previous_sigterm = None
+    if _sigterm is not None:
+        signals.pop(_sigterm)
+        _sigterm = None
+
+
+def add_step_observer(observer: StepObserver) -> Callable[[], None]:
+    """Call ``observer(rank, step)`` right after this process's watchdog records ``step``
+    (:func:`report_step`; none is called in one process); returns what removes it.
+
+    Observers run in the training loop, between two steps: they must be quick.
+    """
+    _step_observers.append(observer)
+    return lambda: _step_observers.remove(observer)
 
 
 def report_step(step: int) -> None:
     """Tell the watchdog that ``step`` optimizer steps are done (a no-op in one process)."""
     if _active is not None:
         _active.report_step(step)
+        for observe in tuple(_step_observers):
+            observe(_active.rank, step)
 
 
 def diagnose(error: BaseException) -> DistributedError | None:

@@ -1,6 +1,6 @@
 """A rank that dies or hangs under torchrun: the survivor exits within dist.timeout_s, with code
 3 and a line naming the rank, instead of waiting forever. Real SIGKILL / SIGSTOP / a stuck loop,
-injected by KD_TEST_FAULT (kd.core.watchdog)."""
+injected by KD_TEST_FAULT (tests/multiproc/faults.py, which torchrun runs in place of kd.cli)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
+from tests.multiproc.faults import FAULT_ENV
 from tests.multiproc.helpers import free_port, kill_tree, launch_env
 
 pytestmark = pytest.mark.multiproc
@@ -25,14 +26,15 @@ ARGS = ["data.batch_size=8", "train.epochs=40", f"dist.timeout_s={TIMEOUT_S}"]
 
 
 class Launch:
-    """torchrun with 2 ranks and no restarts, its output lines time-stamped as they arrive."""
+    """torchrun with 2 ranks and no restarts, each running kd with ``fault`` (``RANK:STEP:KIND``,
+    tests/multiproc/faults.py), its output lines time-stamped as they arrive."""
 
     def __init__(self, fault: str, *args: str) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
                "--max-restarts=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-               "-m", "kd.cli", "train", *args, *ARGS]
+               "-m", "tests.multiproc.faults", "train", *args, *ARGS]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env({"KD_TEST_FAULT": fault}),
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env({FAULT_ENV: fault}),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from kd.core import watchdog
 from kd.core.dist import DistInfo
 from kd.core.guard import SkipTracker, StopRequest
 from kd.core.strategy import DDPStrategy
@@ -27,6 +28,22 @@ def test_a_real_sigterm_sets_the_flag_and_close_restores_the_handler() -> None:
     assert stop.should_stop() and stop.signal_name == "SIGTERM"
     stop.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_inside_the_loop_sigterm_is_a_stop_request_and_outside_it_the_watchdogs() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    store = dist.HashStore()
+    watchdog.start(rank=0, world_size=2, timeout_s=2.5, connect=lambda: store)
+    try:
+        stop = StopRequest(distributed=False)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.flag
+        stop.close()
+        with pytest.raises(watchdog.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        watchdog.stop()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def _agree(rank: int, world: int, store_path: str, results: dict) -> None:

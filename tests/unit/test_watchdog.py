@@ -11,9 +11,10 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from kd.core import watchdog
+from kd.core import signals, watchdog
 from kd.core.watchdog import Heartbeat, Suspect, Watchdog, describe_fault, find_suspects
 from kd.errors import DistributedError
+from tests.multiproc.faults import Fault
 
 HOST = socket.gethostname()
 GLOO_TIMEOUT = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
@@ -176,7 +177,6 @@ def test_module_functions_over_a_real_tcp_store(monkeypatch):
                            timeout=timedelta(seconds=10))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(server.port))
-    monkeypatch.delenv(watchdog.TEST_FAULT_ENV, raising=False)
     wd = watchdog.start(rank=0, world_size=2, timeout_s=2.5)  # a heartbeat every 0.5 s
     try:
         watchdog.report_step(11)
@@ -192,12 +192,31 @@ def test_module_functions_over_a_real_tcp_store(monkeypatch):
     watchdog.report_step(12)  # a no-op
 
 
-def test_test_fault_variable_is_checked(monkeypatch):
-    monkeypatch.setenv(watchdog.TEST_FAULT_ENV, "1:3:explode")
+def test_step_observers_see_each_reported_step_of_a_running_watchdog():
+    seen = []
+    remove = watchdog.add_step_observer(lambda rank, step: seen.append((rank, step)))
+    try:
+        watchdog.report_step(1)  # no watchdog: no observer called
+        store = dist.HashStore()
+        watchdog.start(rank=1, world_size=2, timeout_s=2.5, connect=lambda: store)
+        try:
+            watchdog.report_step(2)
+            watchdog.report_step(3)
+        finally:
+            watchdog.stop()
+    finally:
+        remove()
+    watchdog.report_step(4)  # no watchdog, no observer
+    assert seen == [(1, 2), (1, 3)]
+
+
+def test_test_fault_variable_is_checked():
     with pytest.raises(ValueError, match="RANK:STEP:KIND"):
-        Watchdog(1, 2, dist.HashStore, timeout_s=10)
-    monkeypatch.setenv(watchdog.TEST_FAULT_ENV, "1:3:kill")
-    Watchdog(0, 2, dist.HashStore, timeout_s=10).report_step(3)  # another rank's fault: no-op
+        Fault.parse("1:3:explode")
+    fault = Fault.parse("1:3:kill")
+    assert fault == Fault(rank=1, step=3, kind="kill")
+    fault(0, 3)  # another rank's fault: no-op
+    fault(1, 2)  # another step: no-op
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +224,9 @@ def sigterm_handler():
     """A diagnosis that finds a fault leaves SIGTERM ignored (the process is ending): undo it."""
     before = signal.getsignal(signal.SIGTERM)
     yield before
-    signal.signal(signal.SIGTERM, before)
+    for registration in signals.registrations(signal.SIGTERM):
+        signals.pop(registration)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _sigterm_during(unwinding: BaseException | None) -> BaseException:
@@ -238,7 +259,7 @@ def test_sigterm_names_the_rank_that_explains_it(sigterm_handler, rank1, unwindi
         fault = watchdog.diagnose(_sigterm_during(unwinding))
         if expected is None:
             assert fault is None
-            assert signal.getsignal(signal.SIGTERM) is watchdog._on_sigterm
+            assert signals.current(signal.SIGTERM) is watchdog._on_sigterm
         else:
             assert expected in str(fault)
             # the rank is ending: a second SIGTERM must not replace its exit code 3
