@@ -33,9 +33,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from kd.config import load_config
+from kd.core.dist import single_process
 from kd.core.teacher_cache import row_bytes
 from kd.core.trainer import Trainer
-from kd.tools.cache_builder import build_cache, human_size
+from kd.tools.cache_builder import build_cache
+from kd.units import format_bytes
 
 
 def config(tmp: Path, args: argparse.Namespace, *extra: str):
@@ -56,10 +58,10 @@ def time_steps(trainer: Trainer, steps: int) -> float:
     sampler = trainer.train_loader.batch_sampler
     sampler.set_epoch(0)
     batches = iter(trainer.train_loader)
-    trainer.train_step(batches, 0.0)
+    trainer.train_step(batches)
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(batches, 0.0)
+        trainer.train_step(batches)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
@@ -87,7 +89,9 @@ def main() -> None:
                                     img_size=args.image_size)
         save_file(teacher.state_dict(), str(tmp / "teacher.safetensors"))
         t0 = time.perf_counter()
-        manifest = build_cache(config(tmp, args), args.epochs, args.top_k, tmp / "cache")
+        cfg = config(tmp, args)
+        manifest = build_cache(cfg, single_process(cfg.train.device), args.epochs, args.top_k,
+                               tmp / "cache")
         build_s = time.perf_counter() - t0
         assert manifest is not None
         live = Trainer(config(tmp, args))
@@ -124,7 +128,7 @@ def main() -> None:
     print(f"\ncache build: {manifest['rows']} image-epochs in {build_s:.1f} s "
           f"({result['cache_build_img_per_s']} img/s, teacher forward + top-k + write); "
           f"{per_row} bytes per image-epoch on disk ({manifest['row_bytes']} per row + file "
-          f"headers); ImageNet-1k x 300 epochs at this K: {human_size(imagenet)}")
+          f"headers); ImageNet-1k x 300 epochs at this K: {format_bytes(imagenet, si=True)}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

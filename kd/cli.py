@@ -16,29 +16,34 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kd import __version__
-from kd.config import load_command_config, load_config, reference_markdown, to_yaml
+from kd.config import (
+    KDConfig,
+    derive,
+    load_command_config,
+    load_config,
+    reference_markdown,
+    to_yaml,
+)
 from kd.core.checkpoint import CONFIG_FILE, atomic_write_text, find_checkpoint, verify
-from kd.core.dist import barrier, cleanup
-from kd.core.models import resolve_path
+from kd.core.dist import process_group
 from kd.core.trainer import Trainer
-from kd.core.watchdog import diagnose
 from kd.errors import OUTPUT_ERRNOS, Preempted, UserError, output_error
 from kd.tools import bench, compare, plan
-from kd.tools.cache_builder import build_cache, human_size
+from kd.tools.cache_builder import build_cache
+from kd.tools.evaluate import evaluate_checkpoint
 from kd.tools.export import export_student
 from kd.tools.profiler import ProfileSettings, run_profile
-from kd.tools.report import pct_fine
 from kd.tools.tune_loader import run_tune_loader
+from kd.units import format_bytes, format_percent
 
 log = logging.getLogger("kd")
 
@@ -163,28 +168,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write every number and the machine here")
 
 
-@contextlib.contextmanager
-def _process_group() -> Iterator[None]:
-    """Tear the process group down at the end: after every rank finished, or at once on error.
-
-    A collective that failed because another rank died or hung becomes a DistributedError that
-    names that rank; any other error is published for the other ranks first (kd.core.watchdog).
-    """
-    try:
-        yield
-        # Wait for every rank, so none tears down its communicators while another still uses
-        # them (seen once as an abort at exit with DeepSpeed on gloo).
-        barrier()
-    except BaseException as e:
-        fault = diagnose(e)
-        cleanup()
-        if fault is not None:
-            raise fault from None
-        raise
-    cleanup()
-
-
-def _load_config(args: argparse.Namespace) -> Any:
+def _load_config(args: argparse.Namespace) -> KDConfig:
     """The config of a command taking ``[-c preset] [key=value ...]``
     (:func:`kd.config.load_command_config`); remembers where the values the user did not name
     came from, so that :func:`main` can say so in an error about one of them."""
@@ -225,10 +209,9 @@ def _print_results(summary: dict[str, Any]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
-    with _process_group():
-        trainer = Trainer(cfg)
-        summary = trainer.train()
-    if trainer.dist.is_main:
+    with process_group(cfg.dist, cfg.train.device) as info:
+        summary = Trainer(cfg, info).train()
+    if info.is_main:
         _print_results(summary)
     return 0
 
@@ -241,13 +224,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_config(path: str, config: str | None, overrides: list[str]) -> Any:
+def _checkpoint_config(path: str, config: str | None, overrides: list[str]) -> KDConfig:
     verify(path)
     return load_config(config or str(Path(path) / CONFIG_FILE), overrides)
-
-
-def _exists(path: str) -> bool:
-    return resolve_path(path).is_file()
 
 
 def _find_checkpoint(args: argparse.Namespace) -> Path:
@@ -262,16 +241,9 @@ def _find_checkpoint(args: argparse.Namespace) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = _find_checkpoint(args)
     cfg = _checkpoint_config(str(checkpoint), args.config, args.overrides)
-    cfg.checkpoint.resume = str(checkpoint)
-    if cfg.distill.teacher_cache:  # evaluation reads no teacher outputs: evaluate the teacher
-        cfg.distill.teacher_cache = None  # itself where its weights are here, else the student
-        teacher = cfg.teacher.checkpoint
-        if not (cfg.teacher.pretrained or (teacher and _exists(teacher))):
-            cfg.distill.loss = "none"
-    with _process_group():
-        trainer = Trainer(cfg)
-        record = trainer.evaluate(epoch=round(trainer.step / trainer.steps_per_epoch))
-    if trainer.dist.is_main:
+    with process_group(cfg.dist, cfg.train.device) as info:
+        record = evaluate_checkpoint(cfg, info, checkpoint)
+    if info.is_main:
         out = Path(args.out) if args.out else checkpoint.resolve().parent.parent / "eval.json"
         result = {**record, "checkpoint": str(checkpoint)}
         try:
@@ -294,14 +266,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings.validate()  # before the models are built
     cfg = _load_config(args)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "profile"
-    cfg.output_dir = str(out)  # the profile's config and metrics records go beside its report
-    with _process_group():
-        trainer = Trainer(cfg)
-        analysis = run_profile(trainer, out, settings)
+    # The profile's config and metrics records go beside its report.
+    cfg = derive(cfg, {"output_dir": str(out)}, "kd profile --out")
+    with process_group(cfg.dist, cfg.train.device) as info:
+        analysis = run_profile(Trainer(cfg, info), out, settings)
     if analysis is not None:
         verdict = analysis["verdict"]
         print(f"kd profile: {verdict['kind']} ({verdict['reason']}); "
-              f"{analysis['img_per_s']:.1f} img/s, MFU {pct_fine(analysis['mfu'])}")
+              f"{analysis['img_per_s']:.1f} img/s, "
+              f"MFU {format_percent(analysis['mfu'], fine=True)}")
         for rec in analysis["recommendations"]:
             print(f"  - {rec['trigger']}: {rec['advice']}")
         print(f"report: {analysis['report_md']} and {analysis['report_html']}")
@@ -330,7 +303,7 @@ def cmd_tune_loader(args: argparse.Namespace) -> int:
         raise UserError(f"--prefetch {args.prefetch}: expected integers separated by commas "
                         f"(e.g. 2,4)") from None
     gpus = torch.cuda.device_count()
-    run_tune_loader(cfg.data, channels=cfg.student.kwargs.get("in_chans", 3), seed=cfg.seed,
+    run_tune_loader(cfg.data, channels=cfg.student.channels, seed=cfg.seed,
                     out_dir=Path(args.out or Path(cfg.output_dir) / "tune_loader"),
                     worker_limit=args.max_workers, prefetch_factors=prefetch,
                     batches=args.batches, local_world_size=args.local_world_size or gpus or 1,
@@ -343,9 +316,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
     cfg = _load_config(args)
     out = Path(args.out or Path(cfg.output_dir) / "compare")
-    with _process_group():
-        report = compare.run_compare(cfg, args.seeds, out)
-    if int(os.environ.get("RANK", 0)) == 0:
+    with process_group(cfg.dist, cfg.train.device) as info:
+        report = compare.run_compare(cfg, info, args.seeds, out)
+    if info.is_main:
         compare.print_table(report)
         print(f"output: {out}")
     return 0
@@ -356,11 +329,11 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     top_k = args.top_k if args.top_k is not None else (
         cfg.distill.cache_top_k or min(10, cfg.data.num_classes))
     epochs = args.epochs if args.epochs is not None else cfg.train.epochs
-    with _process_group():
-        manifest = build_cache(cfg, epochs, top_k, args.out)
+    with process_group(cfg.dist, cfg.train.device) as info:
+        manifest = build_cache(cfg, info, epochs, top_k, args.out)
     if manifest is not None:
         print(f"kd cache-teacher: {manifest['epochs']} epochs, {manifest['rows']} image-epochs, "
-              f"top-{manifest['top_k']}: {human_size(manifest['bytes'])} "
+              f"top-{manifest['top_k']}: {format_bytes(manifest['bytes'], si=True)} "
               f"({manifest['bytes_per_image_epoch']} bytes per image-epoch), built in "
               f"{manifest['build_s']} s; train with distill.teacher_cache={args.out}")
     return 0

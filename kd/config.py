@@ -25,7 +25,7 @@ import dataclasses
 import difflib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,12 @@ class StudentConfig:
         None, "Per-channel input mean; null takes the model's pretrained config.")
     std: list[float] | None = _field(
         None, "Per-channel input std; null takes the model's pretrained config.")
+
+    @property
+    def channels(self) -> int:
+        """Channels of the images the student takes (``kwargs.in_chans``, timm's default 3);
+        the data is built with it."""
+        return int(self.kwargs.get("in_chans", 3))
 
 
 @dataclass
@@ -438,7 +444,7 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"command line: {str(e).splitlines()[0]}") from None
 
 
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> KDConfig:
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> KDConfig:
     """Build the run configuration: defaults ← YAML preset ← dotted overrides, then validate.
 
     Args:
@@ -447,18 +453,50 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         overrides: ``key=value`` strings with dotted keys, values parsed as YAML.
 
     Returns:
-        The validated config (an OmegaConf-backed ``KDConfig``).
+        The validated config: plain dataclasses (:class:`KDConfig` and its sections).
 
     Raises:
         ConfigError: unknown key (with the closest valid key), wrong type or invalid value.
     """
-    cfg = OmegaConf.structured(KDConfig)
+    tree = OmegaConf.structured(KDConfig)
     if path is not None:
-        cfg = _merge(cfg, _read_yaml(path), path)
+        tree = _merge(tree, _read_yaml(path), path)
     if overrides:
-        cfg = _merge(cfg, _parse_overrides(list(overrides)), "command line")
+        tree = _merge(tree, _parse_overrides(list(overrides)), "command line")
+    return _typed(tree)
+
+
+def derive(cfg: KDConfig, changes: Mapping[str, Any], source: str = "derived config"
+           ) -> KDConfig:
+    """A new validated config: ``cfg`` with ``changes`` (``{dotted key: value}``) applied, type
+    checked and validated as a loaded one; ``cfg`` itself is left as it is.
+
+    Example:
+        >>> cfg = load_config(DEMO_PRESET)
+        >>> derive(cfg, {"distill.loss": "none", "train.epochs": 1}).distill.loss, cfg.distill.loss
+        ('none', 'soft')
+    """
+    tree = OmegaConf.structured(cfg)
+    if changes:
+        nested: dict[str, Any] = {}
+        for key, value in changes.items():
+            *parents, leaf = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        tree = _merge(tree, nested, source)
+    return _typed(tree)
+
+
+def _typed(tree: DictConfig) -> KDConfig:
+    try:
+        cfg = OmegaConf.to_object(tree)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    assert isinstance(cfg, KDConfig)
     validate(cfg)
-    return cfg  # type: ignore[return-value]
+    return cfg
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -555,7 +593,7 @@ def load_command_config(path: str | None, overrides: Sequence[str] = ()
         source = f"the schema defaults, used because no -c was given and {named} not the demo's"
         log.info("%s not the digits demo's, so this run starts from the schema defaults, not "
                  "from the demo (pass -c configs/demo.yaml to change the demo itself)", named)
-        values = _leaves(to_container(OmegaConf.structured(KDConfig)))
+        values = _leaves(to_container(KDConfig()))
     else:
         base = DEMO_PRESET
         source = f"the demo preset {DEMO_PRESET}, used because no -c was given"
@@ -574,129 +612,191 @@ def _check(ok: bool, key: str, value: Any, need: str) -> None:
         raise ConfigError(f"invalid value for '{key}': {value!r} ({need})")
 
 
-def validate(cfg: Any) -> None:
-    """Check values that types alone cannot (ranges, choices, combinations)."""
+def _check_choices(section: str, values: Any) -> None:
+    """The keys of ``section`` that take one of :data:`CHOICES`."""
     for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        _check(value in choices, key, value, "choose one of: " + ", ".join(map(str, choices)))
-    positive = ["data.num_classes", "data.image_size", "data.batch_size", "data.synthetic_size",
-                "train.epochs", "train.grad_accum_steps", "train.log_every",
-                "train.eval_every_epochs", "checkpoint.keep", "dist.timeout_s"]
-    for key in positive:
-        value = OmegaConf.select(cfg, key)
-        _check(value > 0, key, value, "must be > 0")
-    for key in ("train.max_steps", "data.eval_batch_size"):
-        value = OmegaConf.select(cfg, key)
-        _check(value is None or value > 0, key, value, "must be > 0 or null")
-    workers = cfg.data.num_workers
+        prefix, _, name = key.partition(".")
+        if prefix == section:
+            value = getattr(values, name)
+            _check(value in choices, key, value, "choose one of: " + ", ".join(map(str, choices)))
+
+
+def _check_signs(section: str, values: Any, positive: Sequence[str] = (),
+                 optional_positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                 probabilities: Sequence[str] = ()) -> None:
+    """Range checks shared by the sections: ``> 0``, ``> 0 or null``, ``>= 0``, ``[0, 1]``."""
+    for name in positive:
+        value = getattr(values, name)
+        _check(value > 0, f"{section}.{name}", value, "must be > 0")
+    for name in optional_positive:
+        value = getattr(values, name)
+        _check(value is None or value > 0, f"{section}.{name}", value, "must be > 0 or null")
+    for name in non_negative:
+        value = getattr(values, name)
+        _check(value >= 0, f"{section}.{name}", value, "must be >= 0")
+    for name in probabilities:
+        value = getattr(values, name)
+        _check(0 <= value <= 1, f"{section}.{name}", value, "a probability in [0, 1]")
+
+
+def _check_model(section: str, model: StudentConfig | TeacherConfig) -> None:
+    """What the student and teacher sections share: kwargs and input statistics."""
+    _check("num_classes" not in model.kwargs, f"{section}.kwargs.num_classes",
+           model.kwargs.get("num_classes"), "set data.num_classes instead")
+    for stat in ("mean", "std"):
+        value = getattr(model, stat)
+        _check(value is None or len(value) > 0, f"{section}.{stat}", value,
+               "a list with one value per channel, or null")
+    _check(model.std is None or all(s > 0 for s in model.std), f"{section}.std", model.std,
+           "every value must be > 0")
+
+
+def _validate_student(s: StudentConfig) -> None:
+    _check_model("student", s)
+
+
+def _validate_teacher(t: TeacherConfig) -> None:
+    _check_choices("teacher", t)
+    _check_signs("teacher", t, optional_positive=["image_size"])
+    _check_model("teacher", t)
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check_choices("data", d)
+    _check_signs("data", d, positive=["num_classes", "image_size", "batch_size", "synthetic_size",
+                                      "prefetch_factor"],
+                 optional_positive=["eval_batch_size", "train_samples"],
+                 non_negative=["mixup", "cutmix", "color_jitter"],
+                 probabilities=["mixup_prob", "mixup_switch_prob", "re_prob", "hflip"])
+    workers = d.num_workers
     _check(workers == "auto" or (isinstance(workers, int) and workers >= 0), "data.num_workers",
            workers, "an integer >= 0 or auto")
-    for key in ("data.mixup", "data.cutmix", "data.color_jitter"):
-        value = OmegaConf.select(cfg, key)
-        _check(value >= 0, key, value, "must be >= 0")
-    for key in ("data.mixup_prob", "data.mixup_switch_prob", "data.re_prob", "data.hflip"):
-        value = OmegaConf.select(cfg, key)
-        _check(0 <= value <= 1, key, value, "a probability in [0, 1]")
-    scale = list(cfg.data.scale)
+    scale = list(d.scale)
     _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "data.scale", scale,
            "[min, max] with 0 < min <= max <= 1")
-    _check(cfg.data.prefetch_factor > 0, "data.prefetch_factor", cfg.data.prefetch_factor,
-           "must be > 0")
-    _check(cfg.teacher.image_size is None or cfg.teacher.image_size > 0, "teacher.image_size",
-           cfg.teacher.image_size, "must be > 0 or null")
-    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
-        _check(cfg.data.batch_size % 2 == 0, "data.batch_size", cfg.data.batch_size,
+    if d.mixup > 0 or d.cutmix > 0:
+        _check(d.batch_size % 2 == 0, "data.batch_size", d.batch_size,
                "must be even with mixup/cutmix (samples are mixed with the batch's reverse)")
-    for key in ("checkpoint.every_steps", "optim.weight_decay",
-                "sched.warmup_epochs", "sched.min_lr", "sched.warmup_lr",
-                "distill.dkd_alpha", "distill.dkd_beta", "distill.dkd_warmup_epochs"):
-        value = OmegaConf.select(cfg, key)
-        _check(value >= 0, key, value, "must be >= 0")
-    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
-    _check(cfg.distill.temperature > 0, "distill.temperature", cfg.distill.temperature,
-           "must be > 0")
-    _check(0.0 <= cfg.distill.alpha <= 1.0, "distill.alpha", cfg.distill.alpha,
-           "must be in [0, 1]")
-    _check(cfg.distill.require_teacher_top1 is None or (
-        0.0 <= cfg.distill.require_teacher_top1 <= 1.0 and cfg.distill.check_teacher),
-        "distill.require_teacher_top1", cfg.distill.require_teacher_top1,
+    _check(d.name != "imagefolder" or bool(d.root), "data.root", d.root,
+           "imagefolder needs a root folder with train/ and val/")
+    _check(d.name != "hf" or bool(d.root), "data.root", d.root,
+           "hf needs the folder of a dataset saved with save_to_disk")
+    _check(d.name != "wds" or bool(d.root) or bool(d.train_shards and d.val_shards),
+           "data.root", d.root,
+           "wds needs a folder of shards, or both data.train_shards and data.val_shards")
+    _check(not d.stream or d.name == "wds", "data.stream", d.stream,
+           "only wds shards can be streamed; set data.stream=false")
+    _check(d.labels_per_class is None or d.labels_per_class > 0, "data.labels_per_class",
+           d.labels_per_class, "must be > 0 or null (all)")
+    _check(not (d.labels_per_class and d.stream), "data.labels_per_class", d.labels_per_class,
+           "needs an indexed split; set data.stream=false")
+    if d.transfer_set != "none":
+        _check(not d.stream, "data.stream", d.stream,
+               "a transfer set needs an indexed training split; set data.stream=false")
+        _check(d.transfer_set != "rest" or bool(d.labels_per_class), "data.transfer_set", "rest",
+               "rest is the images data.labels_per_class drops: set data.labels_per_class too")
+    _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer,
+           "must be > 0 (1: no shuffling within a reader)")
+
+
+def _validate_distill(d: DistillConfig) -> None:
+    _check_choices("distill", d)
+    _check_signs("distill", d, positive=["temperature"], optional_positive=["cache_top_k"],
+                 non_negative=["dkd_alpha", "dkd_beta", "dkd_warmup_epochs"])
+    _check(0.0 <= d.alpha <= 1.0, "distill.alpha", d.alpha, "must be in [0, 1]")
+    _check(d.require_teacher_top1 is None or (
+        0.0 <= d.require_teacher_top1 <= 1.0 and d.check_teacher),
+        "distill.require_teacher_top1", d.require_teacher_top1,
         "a fraction in [0, 1] measured with distill.check_teacher=true, or null")
-    _check(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing",
-           cfg.train.label_smoothing, "must be in [0, 1)")
+    if d.teacher_cache:
+        _check(d.loss != "none", "distill.loss", d.loss,
+               "distill.teacher_cache holds teacher outputs: choose soft, hard, token or dkd, "
+               "or unset distill.teacher_cache")
+        _check(d.require_teacher_top1 is None, "distill.require_teacher_top1",
+               d.require_teacher_top1, "a run from distill.teacher_cache never builds the "
+               "teacher, so it cannot check it: check it with a short live run, and unset this")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _check_signs("optim", o, positive=["lr"], optional_positive=["grad_clip"],
+                 non_negative=["weight_decay"])
+
+
+def _validate_sched(s: SchedConfig) -> None:
+    _check_choices("sched", s)
+    _check_signs("sched", s, non_negative=["warmup_epochs", "min_lr", "warmup_lr"])
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _check_choices("train", t)
+    _check_signs("train", t, positive=["epochs", "grad_accum_steps", "log_every",
+                                       "eval_every_epochs"],
+                 optional_positive=["max_steps"])
+    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing,
+           "must be in [0, 1)")
+    _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps,
+           "must be >= 0 (0: never stop)")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _check_signs("checkpoint", c, positive=["keep"], non_negative=["every_steps"])
+
+
+def _validate_dist(d: DistConfig) -> None:
+    _check_choices("dist", d)
+    _check_signs("dist", d, positive=["timeout_s"])
+
+
+SECTION_CHECKS: dict[str, Callable[[Any], None]] = {
+    "student": _validate_student, "teacher": _validate_teacher, "data": _validate_data,
+    "distill": _validate_distill, "optim": _validate_optim, "sched": _validate_sched,
+    "train": _validate_train, "checkpoint": _validate_checkpoint, "dist": _validate_dist,
+}
+
+
+def check_combinations(cfg: KDConfig) -> None:
+    """The checks that span sections (each section is valid on its own by then)."""
     if cfg.dist.strategy == "deepspeed":
         _check(not cfg.optim.zero, "optim.zero", cfg.optim.zero,
                "PyTorch's ZeRO; with dist.strategy=deepspeed set dist.zero_stage instead")
         _check(cfg.train.precision != "fp16", "train.precision", cfg.train.precision,
                "dist.strategy=deepspeed runs kd's bf16 or fp32 autocast")
-    _check(cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, "optim.grad_clip",
-           cfg.optim.grad_clip, "must be > 0 or null")
-    _check(cfg.data.name != "imagefolder" or bool(cfg.data.root), "data.root", cfg.data.root,
-           "imagefolder needs a root folder with train/ and val/")
-    _check(cfg.data.name != "hf" or bool(cfg.data.root), "data.root", cfg.data.root,
-           "hf needs the folder of a dataset saved with save_to_disk")
-    _check(cfg.data.name != "wds" or bool(cfg.data.root) or bool(
-        cfg.data.train_shards and cfg.data.val_shards), "data.root", cfg.data.root,
-        "wds needs a folder of shards, or both data.train_shards and data.val_shards")
-    _check(not cfg.data.stream or cfg.data.name == "wds", "data.stream", cfg.data.stream,
-           "only wds shards can be streamed; set data.stream=false")
-    _check(cfg.train.max_skipped_steps >= 0, "train.max_skipped_steps",
-           cfg.train.max_skipped_steps, "must be >= 0 (0: never stop)")
-    _check(cfg.data.labels_per_class is None or cfg.data.labels_per_class > 0,
-           "data.labels_per_class", cfg.data.labels_per_class, "must be > 0 or null (all)")
-    _check(not (cfg.data.labels_per_class and cfg.data.stream), "data.labels_per_class",
-           cfg.data.labels_per_class, "needs an indexed split; set data.stream=false")
     if cfg.data.transfer_set != "none":
         _check(cfg.distill.loss in ("soft", "hard", "token"), "distill.loss", cfg.distill.loss,
                "data.transfer_set needs soft, hard or token: unlabelled images have no label "
                "for the task term (none) or for DKD's target class (dkd)")
-        _check(not cfg.data.stream, "data.stream", cfg.data.stream,
-               "a transfer set needs an indexed training split; set data.stream=false")
-        _check(cfg.data.transfer_set != "rest" or bool(cfg.data.labels_per_class),
-               "data.transfer_set", "rest", "rest is the images data.labels_per_class drops: "
-               "set data.labels_per_class too")
     if cfg.distill.teacher_cache:
-        _check(cfg.distill.loss != "none", "distill.loss", cfg.distill.loss,
-               "distill.teacher_cache holds teacher outputs: choose soft, hard, token or dkd, "
-               "or unset distill.teacher_cache")
-        _check(cfg.distill.require_teacher_top1 is None, "distill.require_teacher_top1",
-               cfg.distill.require_teacher_top1, "a run from distill.teacher_cache never builds "
-               "the teacher, so it cannot check it: check it with a short live run, and unset "
-               "this")
         _check(not cfg.data.stream, "data.stream", cfg.data.stream,
                "distill.teacher_cache looks its rows up by sample index; set data.stream=false")
-    _check(cfg.distill.cache_top_k is None or cfg.distill.cache_top_k > 0,
-           "distill.cache_top_k", cfg.distill.cache_top_k, "must be > 0 or null")
-    _check(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", cfg.data.shuffle_buffer,
-           "must be > 0 (1: no shuffling within a reader)")
-    _check(cfg.data.train_samples is None or cfg.data.train_samples > 0, "data.train_samples",
-           cfg.data.train_samples, "must be > 0 or null")
-    for section in ("student", "teacher"):
-        kwargs = OmegaConf.select(cfg, f"{section}.kwargs")
-        _check("num_classes" not in kwargs, f"{section}.kwargs.num_classes",
-               kwargs.get("num_classes"), "set data.num_classes instead")
-        for stat in ("mean", "std"):
-            value = OmegaConf.select(cfg, f"{section}.{stat}")
-            _check(value is None or len(value) > 0, f"{section}.{stat}", value,
-                   "a list with one value per channel, or null")
-        std = OmegaConf.select(cfg, f"{section}.std")
-        _check(std is None or all(s > 0 for s in std), f"{section}.std", std,
-               "every value must be > 0")
 
 
-def to_yaml(cfg: Any) -> str:
+def validate(cfg: KDConfig) -> None:
+    """Check what types alone cannot (ranges, choices, combinations): every section on its own
+    (:data:`SECTION_CHECKS`), then the combinations (:func:`check_combinations`).
+
+    Raises:
+        ConfigError: the first invalid value, naming its key and what it must be.
+    """
+    for section, check in SECTION_CHECKS.items():
+        check(getattr(cfg, section))
+    check_combinations(cfg)
+
+
+def to_yaml(cfg: KDConfig) -> str:
     """The resolved config as YAML, as printed by ``kd config`` and saved as config.yaml."""
-    return OmegaConf.to_yaml(cfg)
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_container(cfg: Any) -> dict:
-    """The config as plain dicts and lists."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """A config (or one of its sections) as plain dicts and lists."""
+    tree = OmegaConf.structured(cfg)
+    return OmegaConf.to_container(tree, resolve=True)  # type: ignore[return-value]
 
 
 def reference_markdown() -> str:
     """The configuration reference table for the README, generated from the schema."""
     rows = ["| key | default | description |", "| --- | --- | --- |"]
-    defaults = to_container(OmegaConf.structured(KDConfig))
+    defaults = to_container(KDConfig())
     for key, f in iter_fields():
         value: Any = defaults
         for part in key.split("."):

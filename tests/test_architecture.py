@@ -13,7 +13,8 @@ from tests.conftest import ROOT
 
 KD = ROOT / "kd"
 # Layers, top to bottom: a module may import its own layer and the layers before it.
-LAYERS = ("kd.errors", "kd.config", "kd.data", "kd.core", "kd.tools", "kd.cli")
+# kd.units (number formatting) comes first: it imports nothing of kd and every layer may use it.
+LAYERS = ("kd.units", "kd.errors", "kd.config", "kd.data", "kd.core", "kd.tools", "kd.cli")
 
 
 def module_name(path: Path) -> str:

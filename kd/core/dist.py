@@ -31,6 +31,7 @@ never overriding one the user set (:func:`prepare_environment`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -38,16 +39,16 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import psutil
 import torch
 import torch.distributed as dist
 
+from kd.config import DistConfig
 from kd.core import watchdog
 from kd.errors import ConfigError
 
@@ -351,8 +352,10 @@ def process_group_device(backend: str, device: torch.device) -> torch.device | N
     return device if backend == "nccl" and device.type == "cuda" else None
 
 
-def init_distributed(cfg: Any, device_preference: str = "auto") -> DistInfo:
+def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistInfo:
     """Initialise the process group when the launcher started several processes.
+
+    Prefer :func:`process_group`, which also tears the group down.
 
     Args:
         cfg: the ``dist`` config section (``backend``, ``timeout_s``).
@@ -381,6 +384,51 @@ def init_distributed(cfg: Any, device_preference: str = "auto") -> DistInfo:
         # Heartbeats, so that a rank that dies or hangs is named by the others (kd.core.watchdog).
         watchdog.start(info.rank, info.world_size, cfg.timeout_s)
     return DistInfo(**dataclasses.asdict(info), device=device, backend=backend)
+
+
+def single_process(device_preference: str = "auto") -> DistInfo:
+    """This process alone, on its device: for work outside :func:`process_group` (a test, a
+    notebook). A launcher that started several processes needs :func:`process_group` instead."""
+    info = world_info_from_env(os.environ)
+    if info.world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(f"this process is rank {info.rank} of {info.world_size}: open the "
+                           f"process group first (kd.core.dist.process_group)")
+    if dist.is_initialized():
+        raise RuntimeError("a process group is open: pass its DistInfo (process_group)")
+    return DistInfo(device=select_device(device_preference, info.local_rank))
+
+
+@contextlib.contextmanager
+def process_group(cfg: DistConfig, device_preference: str = "auto") -> Iterator[DistInfo]:
+    """This process's place in the job for the length of a command; the process group (when
+    the launcher started several processes) is created on entry and torn down on exit, by
+    whoever opened it.
+
+    On a clean exit every rank waits for the others first, so that none tears its
+    communicators down while another still uses them. On an error, a collective that failed
+    because another rank died or hung becomes a :class:`~kd.errors.DistributedError` naming
+    that rank; any other error is published for the other ranks first (:mod:`kd.core.watchdog`).
+
+    Example:
+        >>> with process_group(load_config(None).dist, "cpu") as info:  # doctest: +SKIP
+        ...     info.world_size
+        1
+    """
+    opened_before = dist.is_initialized()
+    info = init_distributed(cfg, device_preference)
+    if opened_before:  # its opener tears it down
+        yield info
+        return
+    try:
+        yield info
+        barrier()
+    except BaseException as e:
+        fault = watchdog.diagnose(e)
+        cleanup()
+        if fault is not None:
+            raise fault from None
+        raise
+    cleanup()
 
 
 def cleanup() -> None:

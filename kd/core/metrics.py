@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from kd.core.checkpoint import atomic_write_text
+from kd.units import format_seconds
 
 log = logging.getLogger("kd")
 
@@ -133,16 +133,6 @@ def _num(value: float | None) -> str:
 # The per-iteration timing line: (label, metrics.jsonl key), in step order.
 PHASE_LINE_FIELDS = (("data", "t_data"), ("teacher", "t_teacher"), ("forward", "t_student_fwd"),
                      ("backward", "t_backward"), ("optim", "t_optim"))
-
-
-def format_seconds(value: float) -> str:
-    """Three significant digits, never an exponent: ``0.0005s``, ``0.61s``, ``8.41s``, ``123s``."""
-    if value >= 100:
-        return f"{value:.0f}s"
-    if value == 0:
-        return "0s"
-    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
-    return f"{value:.{decimals}f}".rstrip("0").rstrip(".") + "s"
 
 
 def phase_line(record: dict[str, Any]) -> str:

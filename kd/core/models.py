@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.config import StudentConfig, TeacherConfig
 from kd.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("kd")
@@ -393,7 +394,7 @@ def describe_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch
     return "; ".join(parts)
 
 
-def build_student(cfg: Any, num_classes: int) -> nn.Module:
+def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
     """The trainable student: ``timm.create_model(cfg.name, num_classes=..., **cfg.kwargs)``."""
     return create_timm_model(cfg.name, "student", pretrained=cfg.pretrained,
                              num_classes=num_classes, **dict(cfg.kwargs))
@@ -439,7 +440,7 @@ class FrozenTeacher(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def build_teacher(cfg: Any, num_classes: int) -> FrozenTeacher | None:
+def build_teacher(cfg: TeacherConfig, num_classes: int) -> FrozenTeacher | None:
     """The frozen teacher, or None when it has no weights configured.
 
     A teacher without a checkpoint and without pretrained weights would be random; kd refuses to

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from kd.config import OptimConfig, SchedConfig
 from kd.errors import ConfigError
 
 
-def build_optimizer(model: nn.Module, cfg: Any, world_size: int = 1) -> Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int = 1) -> Optimizer:
     """``timm.optim.create_optimizer_v2`` with the ``optim`` section, sharded when asked.
 
     Weight decay skips biases and normalisation parameters (timm's ``filter_bias_and_bn``).
@@ -107,7 +108,7 @@ def place_step_tensors(optimizer: Optimizer) -> int:
     return moved
 
 
-def build_scheduler(optimizer: Optimizer, cfg: Any, total_steps: int,
+def build_scheduler(optimizer: Optimizer, cfg: SchedConfig, total_steps: int,
                     steps_per_epoch: int) -> Any | None:
     """A per-step schedule spanning ``total_steps``, or None for a constant learning rate.
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from kd.config import DistConfig
 from kd.core.dist import DistInfo
 from kd.core.optim import load_optimizer_state, optimizer_state_dict
 from kd.errors import ConfigError
@@ -270,11 +271,12 @@ class DeepSpeedStrategy:
                               f"dist.strategy=ddp")
 
 
-def build_strategy(model: nn.Module, optimizer: Optimizer, info: DistInfo, cfg: Any,
-                   precision: str) -> Strategy:
-    """The strategy named by ``cfg.dist.strategy``."""
-    if cfg.dist.strategy == "deepspeed":
-        return DeepSpeedStrategy(model, optimizer, info, precision, cfg.optim.grad_clip,
-                                 cfg.data.batch_size, cfg.train.grad_accum_steps,
-                                 cfg.dist.zero_stage)
-    return DDPStrategy(model, optimizer, info, precision, cfg.optim.grad_clip)
+def build_strategy(model: nn.Module, optimizer: Optimizer, info: DistInfo, cfg: DistConfig,
+                   precision: str, *, grad_clip: float | None, micro_batch: int,
+                   grad_accum_steps: int) -> Strategy:
+    """The strategy named by ``dist.strategy`` (``cfg``), for ``micro_batch`` images per
+    process per micro-batch and ``grad_accum_steps`` micro-batches per optimizer step."""
+    if cfg.strategy == "deepspeed":
+        return DeepSpeedStrategy(model, optimizer, info, precision, grad_clip, micro_batch,
+                                 grad_accum_steps, cfg.zero_stage)
+    return DDPStrategy(model, optimizer, info, precision, grad_clip)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd.config import DistillConfig
 from kd.core.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
 from kd.core.models import FrozenTeacher, InputNorm, is_distilled_vit, resize
 from kd.errors import ConfigError
@@ -57,7 +58,7 @@ class DistillationTask:
     """
 
     def __init__(self, student: nn.Module, student_norm: InputNorm,
-                 teacher: FrozenTeacher | None, cfg: Any, label_smoothing: float = 0.0,
+                 teacher: FrozenTeacher | None, cfg: DistillConfig, label_smoothing: float = 0.0,
                  student_core: nn.Module | None = None,
                  teacher_image_size: int | None = None, cached_teacher: bool = False) -> None:
         self.student, self.student_norm, self.teacher = student, student_norm, teacher

@@ -40,6 +40,7 @@ run must use the same two numbers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -48,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
+from kd.config import DataConfig, DistillConfig, TeacherConfig
 from kd.core.checkpoint import sha256_file
 from kd.core.models import resolve_path
 from kd.errors import CacheError
@@ -64,7 +65,7 @@ PLAN_FILE, MANIFEST_FILE = "plan.json", "manifest.json"
 # they differ). ``seed`` orders the data and draws the augmentation seeds.
 DATA_KEYS = ("data.name", "data.root", "data.train_shards", "data.hf_image_key",
              "data.hf_label_key", "data.num_classes", "data.labels_per_class",
-             "data.subset_seed", "data.transfer_set", "data.image_size", "seed")
+             "data.subset_seed", "data.transfer_set", "data.image_size")
 AUGMENT_KEYS = ("data.augment", "data.auto_augment", "data.color_jitter", "data.re_prob",
                 "data.scale", "data.hflip", "data.mixup", "data.cutmix", "data.mixup_prob",
                 "data.mixup_switch_prob", "data.mixup_mode")
@@ -88,25 +89,27 @@ def index_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= 32_767 else torch.int32
 
 
-def mixes(data_cfg: Any) -> bool:
+def mixes(data: DataConfig) -> bool:
     """Whether training mixes images (Mixup/CutMix), so rows depend on batch composition."""
-    return data_cfg.mixup > 0 or data_cfg.cutmix > 0
+    return data.mixup > 0 or data.cutmix > 0
 
 
-def cache_fields(cfg: Any, channels: int, dataset_size: int, world_size: int) -> dict[str, Any]:
+def cache_fields(data: DataConfig, teacher: TeacherConfig, seed: int, channels: int,
+                 dataset_size: int, world_size: int) -> dict[str, Any]:
     """The settings a cache and the run reading it must share, by config key."""
-    fields = {key: _plain(OmegaConf.select(cfg, key)) for key in
-              (*DATA_KEYS, *AUGMENT_KEYS, *TEACHER_KEYS)}
+    sections = {"data": data, "teacher": teacher}
+    fields: dict[str, Any] = {}
+    for key in (*DATA_KEYS, *AUGMENT_KEYS, *TEACHER_KEYS):
+        section, _, name = key.partition(".")
+        fields[key] = copy.deepcopy(getattr(sections[section], name))
+        if key == DATA_KEYS[-1]:
+            fields["seed"] = seed
     fields["channels"] = channels
     fields["dataset size"] = dataset_size
-    if mixes(cfg.data):  # mixed rows depend on how samples were batched
-        fields["data.batch_size"] = cfg.data.batch_size
+    if mixes(data):  # mixed rows depend on how samples were batched
+        fields["data.batch_size"] = data.batch_size
         fields["processes"] = world_size
     return fields
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def first_difference(cached: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -128,11 +131,11 @@ def teacher_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def checkpoint_sha256(cfg: Any) -> str | None:
+def checkpoint_sha256(checkpoint: str | None) -> str | None:
     """sha256 of the ``teacher.checkpoint`` file, when one is set and present here."""
-    if not cfg.teacher.checkpoint:
+    if not checkpoint:
         return None
-    path = resolve_path(cfg.teacher.checkpoint)
+    path = resolve_path(checkpoint)
     return sha256_file(path) if path.is_file() else None
 
 
@@ -181,27 +184,30 @@ class TeacherCache:
         self._tables: dict[int, dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def open(cls, cfg: Any, channels: int, dataset_size: int, world_size: int) -> TeacherCache:
-        """Open ``cfg.distill.teacher_cache``; any difference from this run's config, a missing
-        or resized shard is a :class:`~kd.errors.CacheError` naming it."""
-        path = Path(cfg.distill.teacher_cache)
+    def open(cls, settings: DistillConfig, fields: dict[str, Any],
+             teacher_checkpoint: str | None) -> TeacherCache:
+        """Open ``settings.teacher_cache`` for a run whose :func:`cache_fields` are ``fields``;
+        any difference from them, a missing or resized shard is a
+        :class:`~kd.errors.CacheError` naming it."""
+        assert settings.teacher_cache is not None
+        path = Path(settings.teacher_cache)
         manifest = read_manifest(path)
         if manifest.get("format") != FORMAT:
             raise CacheError(f"distill.teacher_cache: {path} has cache format "
                              f"{manifest.get('format')}, this kd reads {FORMAT}; rebuild it "
                              f"with kd cache-teacher")
-        current = cache_fields(cfg, channels, dataset_size, world_size)
+        current = dict(fields)
         # The teacher's weights: compared when its checkpoint is on this machine too (a cache is
         # often trained from where the teacher is not).
         cached_sha = manifest["fields"].get("teacher.checkpoint sha256")
-        here = checkpoint_sha256(cfg) if cached_sha else None
+        here = checkpoint_sha256(teacher_checkpoint) if cached_sha else None
         current["teacher.checkpoint sha256"] = here if here else cached_sha
         diff = first_difference(manifest["fields"], current)
         if diff is not None:
             raise CacheError(f"distill.teacher_cache: {path} was built for another config: "
                              f"{diff}; rebuild it for this config (kd cache-teacher) or use "
                              f"the cache's setting")
-        wanted = cfg.distill.cache_top_k
+        wanted = settings.cache_top_k
         if wanted is not None and wanted != manifest["top_k"]:
             raise CacheError(f"distill.cache_top_k={wanted} but {path} holds the top "
                              f"{manifest['top_k']} teacher logits; set distill.cache_top_k="
@@ -216,7 +222,7 @@ class TeacherCache:
                                  f"{file.stat().st_size} bytes, the manifest says "
                                  f"{shard['bytes']}: it is damaged; delete it and rerun kd "
                                  f"cache-teacher to rewrite it")
-        return cls(path, manifest, bool(cfg.distill.cache_cycle))
+        return cls(path, manifest, settings.cache_cycle)
 
     def check_epochs(self, needed: int) -> None:
         """Training for more epochs than were cached needs ``distill.cache_cycle``."""

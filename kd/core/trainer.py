@@ -17,16 +17,17 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd.config import to_container, to_yaml
+from kd.config import KDConfig, to_yaml
 from kd.core import checkpoint as ckpt
 from kd.core.annotate import annotate
-from kd.core.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from kd.core.dist import DistInfo, all_reduce_sum, barrier, single_process
+from kd.core.evaluation import eval_record, val_counts
 from kd.core.guard import (
     SkipTracker,
     StopRequest,
@@ -46,15 +47,13 @@ from kd.core.optim import build_optimizer, build_scheduler
 from kd.core.precision import autocast, maybe_enable_tf32, resolve_precision
 from kd.core.strategy import build_strategy
 from kd.core.task import DistillationTask
-from kd.core.teacher_cache import TeacherCache, densify
+from kd.core.teacher_cache import TeacherCache, cache_fields, densify
 from kd.core.watchdog import report_step
-from kd.data import build_eval_loader, build_train_loader
 from kd.data.batch import BatchPreparer
-from kd.data.build import build_split
+from kd.data.pipeline import Ranks, RunData
 from kd.data.stream import StreamBatchSampler
 from kd.data.subset import SubsetDataset, subset_record
-from kd.data.tuning import resolve_num_workers
-from kd.errors import DataError, Preempted, TeacherError, UserError, output_error
+from kd.errors import Preempted, TeacherError, UserError, output_error
 
 log = logging.getLogger("kd")
 
@@ -90,6 +89,7 @@ class PhaseTimer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.totals = dict.fromkeys(PHASES, 0.0)
+        self._marks = dict(self.totals)  # totals at the end of the last step (end_step)
         self.pending: list[tuple[str, Any, Any]] = []
 
     @contextlib.contextmanager
@@ -107,15 +107,77 @@ class PhaseTimer:
                 yield
                 self.totals[name] += time.perf_counter() - t0
 
-    def flush(self) -> dict[str, float]:
-        """Seconds per phase since the last flush (synchronises the GPU once)."""
+    def _collect(self) -> None:
         if self.pending:
             torch.cuda.synchronize()
             for name, start, end in self.pending:
                 self.totals[name] += start.elapsed_time(end) / 1000.0
             self.pending.clear()
-        out, self.totals = self.totals, dict.fromkeys(PHASES, 0.0)
+
+    def end_step(self) -> dict[str, float]:
+        """Seconds per phase of the step that just ended (synchronises the GPU once: for
+        profiling, not training); :meth:`flush` still counts them."""
+        self._collect()
+        out = {k: v - self._marks[k] for k, v in self.totals.items()}
+        self._marks = dict(self.totals)
         return out
+
+    def flush(self) -> dict[str, float]:
+        """Seconds per phase since the last flush (synchronises the GPU once)."""
+        self._collect()
+        out, self.totals = self.totals, dict.fromkeys(PHASES, 0.0)
+        self._marks = dict(self.totals)
+        return out
+
+
+class Interval(NamedTuple):
+    """The steps since the last log step: loss terms summed on the device, count, seconds."""
+
+    sums: torch.Tensor
+    steps: int
+    elapsed: float
+
+
+class LogInterval:
+    """Counts training between log steps without host synchronisation, and the run's total.
+
+    :meth:`add` sums each step's loss terms on the device (steps that were skipped add
+    nothing); :meth:`close` hands the interval to a log step; :meth:`restart` leaves time spent
+    outside training (saving, evaluating) out of the interval's seconds.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        # loss, loss_task, loss_kd, grad_norm summed over the steps that updated the weights,
+        # and their number.
+        self.sums = torch.zeros(len(SkipTracker.TERMS) + 1, device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.train_s, self.steps_total = 0.0, 0  # over the whole run
+
+    def add(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Count one step's ``terms`` (:meth:`Trainer.train_step`); returns them stacked in
+        :attr:`SkipTracker.TERMS` order."""
+        values = torch.stack([terms[k] for k in SkipTracker.TERMS])
+        self.sums += torch.where(terms["skipped"], 0.0, torch.cat([values, values.new_ones(1)]))
+        self.steps += 1
+        return values
+
+    def close(self) -> Interval:
+        elapsed = time.perf_counter() - self.start
+        out = Interval(self.sums.clone(), self.steps, elapsed)
+        self.train_s += elapsed
+        self.steps_total += self.steps
+        self.sums.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return out
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+
+    def end(self) -> None:
+        """At the end of training: count the steps after the last log step."""
+        if self.steps:
+            self.close()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -141,16 +203,24 @@ class Trainer:
         >>> summary = trainer.train()  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: KDConfig, info: DistInfo | None = None) -> None:
+        """Build the run.
+
+        Args:
+            cfg: the validated config (:func:`kd.config.load_config`).
+            info: this process's place in the job, from :func:`kd.core.dist.process_group`
+                (which owns the process group); None: this process alone
+                (:func:`kd.core.dist.single_process`).
+        """
         self.cfg = cfg
         tc = cfg.train
-        # 1. Device and process group.
-        self.dist: DistInfo = init_distributed(cfg.dist, tc.device)
+        # 1. Device and process group (opened by the caller).
+        self.dist: DistInfo = info if info is not None else single_process(tc.device)
         self.device = self.dist.device
         self.precision = resolve_precision(tc.precision, self.device)
         maybe_enable_tf32(self.device, tc.tf32)
         # 2. Data.
-        self._build_data(cfg.data, cfg.student.kwargs.get("in_chans", 3))
+        self._build_data()
         # 3. Models: the same seed on every rank gives the same student initialisation.
         torch.manual_seed(cfg.seed)
         student = build_student(cfg.student, cfg.data.num_classes)
@@ -161,15 +231,17 @@ class Trainer:
         self._check_models(student, teacher)
         self.student_core = student.to(self.device).train()
         self.teacher = teacher.to(self.device) if teacher is not None else None
-        self._speed_up_models(cfg)
+        self._speed_up_models()
         # 4. Optimizer and schedule, then the strategy that wraps only the student (DDP, ZeRO or
         #    DeepSpeed); the teacher stays a frozen replica on every rank.
         ddp_zero_world = self.dist.world_size if cfg.dist.strategy == "ddp" else 1
         optimizer = build_optimizer(self.student_core, cfg.optim, ddp_zero_world)
         self.scheduler = build_scheduler(optimizer, cfg.sched, self.total_steps,
                                          self.steps_per_epoch)
-        self.strategy = build_strategy(self.student_core, optimizer, self.dist, cfg,
-                                       self.precision)
+        self.strategy = build_strategy(self.student_core, optimizer, self.dist, cfg.dist,
+                                       self.precision, grad_clip=cfg.optim.grad_clip,
+                                       micro_batch=cfg.data.batch_size,
+                                       grad_accum_steps=tc.grad_accum_steps)
         self.optimizer = self.strategy.optimizer
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
         # 5. Task: forward passes and loss terms.
@@ -184,7 +256,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints",
                                                   cfg.checkpoint.keep)
-        self.step = 0
+        self.step = 0  # optimizer steps taken; advanced by train_step only
         self.n_bad_samples = 0  # unreadable samples skipped by this rank (data.on_error=skip)
         self._bad_logged: set[str] = set()
         self._saved_step = -1  # step of the newest checkpoint this process wrote
@@ -198,35 +270,29 @@ class Trainer:
         self.timer = PhaseTimer(self.device)
 
     # ----------------------------------------------------------------------------- building
-    def _build_data(self, dc: Any, channels: int) -> None:
-        self.train_set = build_split(dc, "train", channels, seed=self.cfg.seed)
-        self.val_set = build_split(dc, "val", channels)
-        pin = self.device.type == "cuda"
-        r, w = self.dist.rank, self.dist.world_size
+    def _build_data(self) -> None:
+        cfg, info = self.cfg, self.dist
+        self.data = RunData(cfg.data, cfg.student.channels, cfg.seed,
+                            Ranks(info.rank, info.world_size, info.local_world_size),
+                            pin_memory=self.device.type == "cuda",
+                            grad_accum_steps=cfg.train.grad_accum_steps)
+        self.data.check_steps()
+        self.train_set, self.val_set = self.data.train_set, self.data.val_set
         self.cache: TeacherCache | None = None
-        if self.cfg.distill.teacher_cache:  # its rows replay the recorded augmentation seeds
-            self.cache = TeacherCache.open(self.cfg, channels, len(self.train_set), w)
-        self.num_workers = resolve_num_workers(
-            dc.num_workers, self.train_set, dc.batch_size, self.dist.local_world_size,
-            cache_key={"data": to_container(dc), "channels": channels}, seed=self.cfg.seed,
-            prefetch_factor=dc.prefetch_factor, pin_memory=pin)
-        self.train_loader = build_train_loader(
-            self.train_set, dc.batch_size, self.cfg.seed, r, w, self.num_workers, pin,
-            dc.prefetch_factor, recorded_seeds=self.cache.seeds if self.cache else None)
-        self.val_loader = build_eval_loader(self.val_set, dc.eval_batch_size or dc.batch_size,
-                                            r, w, self.num_workers, pin, dc.prefetch_factor)
-        self.preparer = BatchPreparer(dc, self.cfg.seed, r, self.device,
-                                      self.cfg.train.label_smoothing)
-        accum = self.cfg.train.grad_accum_steps
-        self.steps_per_epoch = len(self.train_loader.batch_sampler) // accum
-        if self.steps_per_epoch == 0:
-            need = dc.batch_size * w * accum
-            raise DataError(f"the training split has {len(self.train_set)} images, fewer than "
-                            f"one optimizer step needs ({need} = data.batch_size × processes × "
-                            f"train.grad_accum_steps); lower data.batch_size")
-        self.global_batch = dc.batch_size * w * accum  # images per optimizer step, all ranks
-        epoch_steps = self.cfg.train.epochs * self.steps_per_epoch
-        max_steps = self.cfg.train.max_steps
+        if cfg.distill.teacher_cache:  # its rows replay the recorded augmentation seeds
+            fields = cache_fields(cfg.data, cfg.teacher, cfg.seed, cfg.student.channels,
+                                  len(self.train_set), info.world_size)
+            self.cache = TeacherCache.open(cfg.distill, fields, cfg.teacher.checkpoint)
+        self.num_workers = self.data.num_workers
+        self.train_loader = self.data.train_loader(
+            recorded_seeds=self.cache.seeds if self.cache else None)
+        self.val_loader = self.data.val_loader()
+        self.preparer = BatchPreparer(cfg.data, cfg.seed, info.rank, self.device,
+                                      cfg.train.label_smoothing)
+        self.steps_per_epoch = self.data.steps_per_epoch
+        self.global_batch = self.data.global_batch  # images per optimizer step, all ranks
+        epoch_steps = cfg.train.epochs * self.steps_per_epoch
+        max_steps = cfg.train.max_steps
         self.total_steps = min(epoch_steps, max_steps) if max_steps else epoch_steps
         if self.cache is not None:
             self.cache.check_epochs(-(-self.total_steps // self.steps_per_epoch))
@@ -249,9 +315,10 @@ class Trainer:
                               teacher_image_size=cfg.teacher.image_size,
                               grey_to_rgb=cfg.data.grey_to_rgb)
 
-    def _speed_up_models(self, cfg: Any) -> None:
+    def _speed_up_models(self) -> None:
         """The teacher's weights in the training dtype (``teacher.dtype``); ``train.compile``
         compiles both models in place, before the strategy wraps the student."""
+        cfg = self.cfg
         if self.teacher is not None:
             dtype = teacher_dtype(cfg.teacher.dtype, self.precision)
             if dtype != torch.float32:
@@ -274,10 +341,7 @@ class Trainer:
         log.warning("data.stream: keeping the checkpoint's %d readers per rank (this run has %d "
                     "loader workers) so that the data order continues exactly; reading costs "
                     "more unless data.num_workers=%d", saved, self.num_workers, saved)
-        dc = self.cfg.data
-        self.train_loader = build_train_loader(
-            self.train_set, dc.batch_size, self.cfg.seed, self.dist.rank, self.dist.world_size,
-            self.num_workers, self.device.type == "cuda", dc.prefetch_factor, stream_slots=saved)
+        self.train_loader = self.data.train_loader(stream_slots=saved)
 
     def _maybe_resume(self, resume: str) -> None:
         if resume == "none":
@@ -330,117 +394,72 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------------------- training
-    def train(self, *, evaluate: bool = True, save: bool = True,
+    def train(self, *, evaluate: bool = True, save: bool = True, steps: int | None = None,
               on_step: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
-        """Train to ``total_steps``, evaluating and checkpointing on the way.
+        """Train to ``total_steps`` (or ``steps`` more), evaluating and checkpointing on the way.
 
         Args:
             evaluate: check the teacher before training (:meth:`check_teacher`), evaluate
                 every ``train.eval_every_epochs`` and at the end.
             save: write checkpoints, the final student and ``summary.json``.
-            on_step: called after every optimizer step (e.g. to advance a profiler).
+            steps: train exactly this many optimizer steps from the current one (a profile),
+                instead of up to ``total_steps``.
+            on_step: called after every optimizer step (a profiler steps its schedule there,
+                and reads the step's phase times with ``trainer.timer.end_step()``).
 
         Returns:
             The summary (also written to ``summary.json`` when ``save``).
         """
         cfg = self.cfg
         t_start = time.perf_counter()
+        until = self.step + steps if steps is not None else self.total_steps
         if self.cache is not None:  # before output_dir exists: read (and verify) the rows of
             self.cache.seeds(self.data_epoch(self.step // self.steps_per_epoch))  # 1st epoch
         if evaluate:  # likewise: a teacher that fails leaves nothing written
             self.check_teacher()
         if self.dist.is_main:
-            try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                ckpt.atomic_write_text(self.output_dir / "config.yaml", to_yaml(cfg))
-                labelled = getattr(self.train_set, "labelled", self.train_set)  # transfer set
-                if isinstance(labelled, SubsetDataset):
-                    ckpt.atomic_write_text(self.output_dir / "labelled_subset.json",
-                                           subset_record(labelled, cfg.data))
-            except OSError as e:
-                raise output_error(f"output_dir {cfg.output_dir}: cannot create it or write "
-                                   f"config.yaml into it", e) from None
-        metrics = build_metrics(self.output_dir, self.dist.is_main, self.total_steps, self.step,
+            self._write_run_files()
+        metrics = build_metrics(self.output_dir, self.dist.is_main, until, self.step,
                                 log_phases=cfg.train.log_phases)
-        train_time, train_images = 0.0, 0
-        images_per_step = self.global_batch
-        # Since the last log: loss, loss_task, loss_kd, grad_norm summed over the steps that
-        # updated the weights, and their number.
-        sums = torch.zeros(5, device=self.device)
-        interval_start, interval_steps = time.perf_counter(), 0
-        sampler = self.train_loader.batch_sampler
+        log_steps = LogInterval(self.device)
         stop = StopRequest(self.dist.is_distributed, cfg.dist.timeout_s, device=self.device)
         if self.dist.is_main and (ignored := ignored_shutdown_timeout()):
             log.warning(ignored)
         try:
-            while self.step < self.total_steps:
+            while self.step < until:
                 epoch, done = divmod(self.step, self.steps_per_epoch)
-                sampler.set_epoch(self.data_epoch(epoch),
-                                  start_batch=done * cfg.train.grad_accum_steps)
+                self.train_loader.batch_sampler.set_epoch(
+                    self.data_epoch(epoch), start_batch=done * cfg.train.grad_accum_steps)
                 batches = iter(self.train_loader)
-                n = min(self.steps_per_epoch - done, self.total_steps - self.step)
-                for _ in range(n):
-                    terms = self.train_step(batches, epoch_float=self.step / self.steps_per_epoch)
-                    values = torch.stack([terms[k] for k in SkipTracker.TERMS])
-                    sums += torch.where(terms["skipped"], 0.0,
-                                        torch.cat([values, values.new_ones(1)]))
-                    self.step += 1
+                for _ in range(min(self.steps_per_epoch - done, until - self.step)):
+                    terms = self.train_step(batches)
+                    values = log_steps.add(terms)
                     report_step(self.step)  # for the heartbeats (kd.core.watchdog)
                     self.skips.update(self.step, terms["skipped"], values)
-                    interval_steps += 1
                     if on_step is not None:
                         on_step(self)
-                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - interval_start
-                        train_time += elapsed
-                        train_images += interval_steps * images_per_step
-                        metrics.log(self._train_record(sums, interval_steps, elapsed,
-                                                       images_per_step))
-                        sums.zero_()
-                        interval_start, interval_steps = time.perf_counter(), 0
+                    if self.step % cfg.train.log_every == 0 or self.step == until:
+                        skipped = self.skips.check()  # raises after too many in a row
+                        metrics.log(self._train_record(log_steps.close(), until, skipped))
                     every = cfg.checkpoint.every_steps
                     if save and every and self.step % every == 0:
                         self.save_checkpoint()
-                        interval_start = time.perf_counter()  # saving is not training time
+                        log_steps.restart()  # saving is not training time
                     if stop.should_stop():
-                        t_save = time.perf_counter()
-                        path = self.save_checkpoint() if save else None
-                        if path is not None:
-                            log.warning(report_preemption_save(time.perf_counter() - t_save))
-                        raise Preempted(stop.signal_name or "a stop signal", self.step,
-                                        str(path) if path else None)
+                        self._stop_for(stop, save)
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if evaluate and epoch_done and (epoch + 1) % cfg.train.eval_every_epochs == 0:
-                    metrics.log(self.evaluate(epoch + 1))
-                    if save:
-                        self._keep_if_best()
-                    interval_start = time.perf_counter()
-            if interval_steps:  # steps since the last log line (max_steps not on a log step)
-                train_time += time.perf_counter() - interval_start
-                train_images += interval_steps * images_per_step
+                    self._evaluate_and_keep(metrics, epoch + 1, save)
+                    log_steps.restart()
+            log_steps.end()  # steps since the last log line (max_steps not on a log step)
             if evaluate and self._last_eval.get("step") != self.step:
-                metrics.log(self.evaluate(-(-self.step // self.steps_per_epoch)))
-                if save:
-                    self._keep_if_best()
+                self._evaluate_and_keep(metrics, -(-self.step // self.steps_per_epoch), save)
             if save and self._saved_step != self.step:
                 self.save_checkpoint()
         finally:
             stop.close()
             metrics.close()
-        final = self._last_eval
-        summary = {
-            **{k: final.get(k) for k in ("student_top1", "student_top5", "teacher_top1",
-                                         "agreement")},
-            "teacher_top1_before": self.teacher_top1_before,
-            "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
-            "wall_s": round(time.perf_counter() - t_start, 3),
-            "img_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
-            "world_size": self.dist.world_size, "backend": self.dist.backend,
-            "precision": self.precision,
-            "n_bad_samples": self.total_bad_samples(),
-            "n_skipped_steps": self.skips.check(),
-            "output_dir": str(self.output_dir),
-        }
+        summary = self._summary(time.perf_counter() - t_start, log_steps)
         if save and self.dist.is_main:
             ckpt.save_weights(self.output_dir / "student.safetensors",
                               self.student_core.state_dict(),
@@ -449,12 +468,59 @@ class Trainer:
                                    json.dumps(summary, indent=2) + "\n")
         return summary
 
-    def train_step(self, batches: Iterator, epoch_float: float) -> dict[str, torch.Tensor]:
-        """One optimizer step over ``train.grad_accum_steps`` micro-batches; returns the mean loss
-        terms as detached device tensors (no host synchronisation)."""
+    def _write_run_files(self) -> None:
+        """Rank 0, before the first step: the run's config (and its labelled subset)."""
+        cfg = self.cfg
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.output_dir / "config.yaml", to_yaml(cfg))
+            labelled = getattr(self.train_set, "labelled", self.train_set)  # transfer set
+            if isinstance(labelled, SubsetDataset):
+                ckpt.atomic_write_text(self.output_dir / "labelled_subset.json",
+                                       subset_record(labelled, cfg.data))
+        except OSError as e:
+            raise output_error(f"output_dir {cfg.output_dir}: cannot create it or write "
+                               f"config.yaml into it", e) from None
+
+    def _stop_for(self, stop: StopRequest, save: bool) -> None:
+        """A stop signal (preemption): save a checkpoint, then end the run with Preempted."""
+        t_save = time.perf_counter()
+        path = self.save_checkpoint() if save else None
+        if path is not None:
+            log.warning(report_preemption_save(time.perf_counter() - t_save))
+        raise Preempted(stop.signal_name or "a stop signal", self.step,
+                        str(path) if path else None)
+
+    def _evaluate_and_keep(self, metrics: Any, epoch: int, save: bool) -> None:
+        metrics.log(self.evaluate(epoch))
+        if save:
+            self._keep_if_best()
+
+    def _summary(self, wall_s: float, log_steps: LogInterval) -> dict[str, Any]:
+        final = self._last_eval
+        train_s, images = log_steps.train_s, log_steps.steps_total * self.global_batch
+        return {
+            **{k: final.get(k) for k in ("student_top1", "student_top5", "teacher_top1",
+                                         "agreement")},
+            "teacher_top1_before": self.teacher_top1_before,
+            "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
+            "wall_s": round(wall_s, 3),
+            "img_per_s": round(images / train_s, 2) if train_s > 0 else None,
+            "world_size": self.dist.world_size, "backend": self.dist.backend,
+            "precision": self.precision,
+            "n_bad_samples": self.total_bad_samples(),
+            "n_skipped_steps": self.skips.check(),
+            "output_dir": str(self.output_dir),
+        }
+
+    def train_step(self, batches: Iterator) -> dict[str, torch.Tensor]:
+        """Optimizer step ``step + 1`` over ``train.grad_accum_steps`` micro-batches of
+        ``batches``; advances :attr:`step`, and returns the mean loss terms, ``skipped`` and
+        ``grad_norm`` as detached device tensors (no host synchronisation)."""
         accum = self.cfg.train.grad_accum_steps
         timer, task = self.timer, self.task
         totals: dict[str, torch.Tensor] = {}
+        epoch_float = self.step / self.steps_per_epoch
         epoch, done = divmod(self.step, self.steps_per_epoch)
         data_epoch = self.data_epoch(epoch)
         for micro in range(accum):
@@ -481,6 +547,7 @@ class Trainer:
                 totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
         with timer.phase("optimizer"):
             totals["skipped"], totals["grad_norm"] = self.optimizer_step(totals["loss"])
+        self.step += 1
         return totals
 
     def _cached_logits(self, data_epoch: int, index: torch.Tensor) -> torch.Tensor:
@@ -515,17 +582,17 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
 
-    def _train_record(self, sums: torch.Tensor, steps: int, elapsed: float,
-                      images_per_step: int) -> dict[str, Any]:
+    def _train_record(self, interval: Interval, until: int, n_skipped: int) -> dict[str, Any]:
         """A metrics record for a log step; the only place training synchronises with the host."""
         times = self.timer.flush()
+        sums, steps, elapsed = interval
         # Means over the steps that updated the weights (NaN, logged as null, if none did).
         means = torch.where(sums[4] > 0, sums[:4] / sums[4].clamp(min=1), float("nan"))
         values = torch.cat([means, torch.tensor([times[p] / steps for p in PHASES],
                                                 device=sums.device)])
         values = all_reduce_sum(values) / self.dist.world_size  # mean over ranks
         v = [x if math.isfinite(x) else None for x in values.tolist()]
-        img_per_s = steps * images_per_step / elapsed if elapsed > 0 else 0.0
+        img_per_s = steps * self.global_batch / elapsed if elapsed > 0 else 0.0
         record: dict[str, Any] = {
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
             "loss": v[0], "loss_task": v[1], "loss_kd": v[2],
@@ -533,53 +600,19 @@ class Trainer:
         }
         record["grad_norm"] = v[3]
         record.update({PHASE_KEYS[p]: v[4 + i] for i, p in enumerate(PHASES)})
-        record["eta_s"] = (self.total_steps - self.step) * elapsed / steps
+        record["eta_s"] = (until - self.step) * elapsed / steps
         record["n_bad_samples"] = self.total_bad_samples()
-        record["n_skipped_steps"] = self.skips.check()  # raises after too many in a row
+        record["n_skipped_steps"] = n_skipped
         return record
 
     # --------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def _val_counts(self, student: bool = True) -> list[float]:
-        """One pass over val, summed over ranks (so every rank gets the same numbers): images,
-        student top-1, student top-5, teacher top-1, agreement. ``student=False`` runs the
-        teacher alone (the student's counts stay 0)."""
-        self.student_core.eval()
-        k = min(5, self.cfg.data.num_classes)
-        counts = torch.zeros(5, device=self.device)  # n, student top1, top5, teacher top1, agree
-        try:
-            for images, targets, bad in self.val_loader:
-                if bad:
-                    self._count_bad(bad)
-                images = images.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
-                with self._autocast():
-                    if student:
-                        s, t = self.task.predict(images)
-                    else:
-                        s, t = None, self.task.predict_teacher(images)
-                counts[0] += targets.numel()
-                if s is not None:
-                    top = s.float().topk(k, dim=-1).indices
-                    counts[1] += (top[:, 0] == targets).sum()
-                    counts[2] += (top == targets[:, None]).any(dim=-1).sum()
-                if t is not None:
-                    t1 = t.float().argmax(-1)
-                    counts[3] += (t1 == targets).sum()
-                    if s is not None:
-                        counts[4] += (t1 == top[:, 0]).sum()
-        finally:
-            self.student_core.train()
-        return all_reduce_sum(counts).tolist()
+        return val_counts(self.task, self.val_loader, self.device, self.precision,
+                          self.cfg.data.num_classes, student=student, on_bad=self._count_bad)
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """Student top-1/top-5, teacher top-1 and student–teacher top-1 agreement on val."""
-        n, s1, s5, t1, agree = self._val_counts()
-        has_teacher = self.teacher is not None
-        record = {"split": "val", "step": self.step, "epoch": epoch,
-                  "student_top1": s1 / n, "student_top5": s5 / n,
-                  "teacher_top1": t1 / n if has_teacher else None,
-                  "agreement": agree / n if has_teacher else None}
+        record = eval_record(self._val_counts(), self.step, epoch, self.teacher is not None)
         self._last_eval = record
         return record
 
@@ -594,14 +627,14 @@ class Trainer:
         not run the teacher (``distill.loss=none``) and on resume (the number from the run's
         start is kept in its checkpoints).
         """
-        dc, num_classes = self.cfg.distill, self.cfg.data.num_classes
+        distill, num_classes = self.cfg.distill, self.cfg.data.num_classes
         if self.cache is not None:
             log.info("teacher check skipped: training from distill.teacher_cache (the teacher "
                      "is not built)")
             return None
         if self.teacher is None:  # labels only: nothing to check, nothing to say
             return None
-        skip = ("distill.check_teacher=false" if not dc.check_teacher else
+        skip = ("distill.check_teacher=false" if not distill.check_teacher else
                 "the teacher does not run in training (distill.loss=none)"
                 if not self.task.uses_teacher else
                 f"resuming at step {self.step}" if self.step > 0 else None)
@@ -614,7 +647,7 @@ class Trainer:
         n, _, _, t1, _ = self._val_counts(student=False)
         _set_rng_state(rng)  # iterating a loader draws a seed: training stays as without the check
         top1 = self.teacher_top1_before = t1 / n
-        required = dc.require_teacher_top1
+        required = distill.require_teacher_top1
         if required is not None and top1 < required:  # the error line alone says it all
             raise TeacherError(f"distill.require_teacher_top1={required}: the teacher's top-1 on "
                                f"the validation split is {top1:.4f} before training (chance "

@@ -17,10 +17,10 @@ images for a batch, or a cached teacher output would belong to another picture. 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from kd.config import DataConfig
 from kd.data.datasets import UNLABELLED
 from kd.data.mix import apply_mixup, build_mixup, mix_seed
 from kd.data.transfer import labelled_share
@@ -48,7 +48,7 @@ class BatchPreparer:
             smooths instead (the labelled share must stay exact), so it is ignored there.
     """
 
-    def __init__(self, data: Any, seed: int, rank: int, device: torch.device,
+    def __init__(self, data: DataConfig, seed: int, rank: int, device: torch.device,
                  label_smoothing: float) -> None:
         self.num_classes, self.seed, self.rank, self.device = data.num_classes, seed, rank, device
         self.transfer = data.transfer_set != "none"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kd.config import DataConfig
 from kd.data.datasets import (
     DigitsDataset,
     ImageFolderDataset,
@@ -25,7 +26,7 @@ from kd.data.wds import build_wds_dataset
 from kd.errors import DataError
 
 
-def source_kwargs(cfg: Any) -> dict[str, Any]:
+def source_kwargs(cfg: DataConfig) -> dict[str, Any]:
     """:func:`build_dataset` arguments locating wds shards and hf columns, from ``data``."""
     return {"train_shards": cfg.train_shards, "val_shards": cfg.val_shards,
             "hf_image_key": cfg.hf_image_key, "hf_label_key": cfg.hf_label_key}
@@ -83,7 +84,7 @@ def _build(name: str, split: str, *, root: str | None, image_size: int, num_clas
     raise DataError(f"data.name: unknown dataset '{name}'")
 
 
-def build_split(cfg: Any, split: str, channels: int, seed: int = 0) -> KeyedDataset:
+def build_split(cfg: DataConfig, split: str, channels: int, seed: int = 0) -> KeyedDataset:
     """One split of the dataset the ``data`` config section describes, as training uses it.
 
     ``seed`` (the run's) orders a streamed training split (``data.stream``, see

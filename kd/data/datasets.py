@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from kd.config import DataConfig
 from kd.data.augment import PixelErasing, fix_posterize, run_steps, seeded, transform_steps
 from kd.data.sampler import SampleKey
 from kd.errors import DataError
@@ -281,7 +282,7 @@ def transform_image(transform: Callable[[Any], Any], img: Any, seed: int | None,
     return torch.as_tensor(seeded(lambda: run_steps(steps, img, where), seed))
 
 
-def train_transform_kwargs(cfg: Any) -> dict[str, Any]:
+def train_transform_kwargs(cfg: DataConfig) -> dict[str, Any]:
     """timm ``create_transform`` arguments for training from the ``data`` config section."""
     return {"auto_augment": cfg.auto_augment, "color_jitter": cfg.color_jitter,
             "re_prob": cfg.re_prob, "scale": tuple(cfg.scale), "hflip": cfg.hflip}

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd.config import DataConfig
 
-def build_mixup(cfg: Any, num_classes: int, label_smoothing: float) -> Any | None:
+
+def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float) -> Any | None:
     """timm ``Mixup`` from the ``data`` section, or None when both alphas are 0."""
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None

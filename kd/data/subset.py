@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any
 
 import numpy as np
 import torch
 
+from kd.config import DataConfig
 from kd.data.datasets import KeyedDataset
 from kd.errors import ConfigError
 
@@ -99,7 +99,7 @@ def labelled_subset(dataset: KeyedDataset, per_class: int, seed: int,
     return subset
 
 
-def subset_record(subset: SubsetDataset, data_cfg: Any) -> str:
+def subset_record(subset: SubsetDataset, data_cfg: DataConfig) -> str:
     """``labelled_subset.json``: which training images kept their labels, by name."""
     return json.dumps({
         "labels_per_class": data_cfg.labels_per_class, "subset_seed": data_cfg.subset_seed,

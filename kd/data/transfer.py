@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd.config import DataConfig
 from kd.data.datasets import (
     UNLABELLED,
     KeyedDataset,
@@ -133,7 +134,7 @@ def _is_shards(path: str) -> bool:
         q.suffix.lower() in IMAGE_SUFFIXES for q in p.iterdir())
 
 
-def build_transfer_set(cfg: Any, labelled: KeyedDataset) -> KeyedDataset:
+def build_transfer_set(cfg: DataConfig, labelled: KeyedDataset) -> KeyedDataset:
     """The unlabelled images ``cfg.transfer_set`` names (``cfg``: the ``data`` section)."""
     setting = cfg.transfer_set
     if setting == "rest":

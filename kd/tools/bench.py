@@ -67,8 +67,9 @@ from kd.tools.profiler import (
     matmul_precision,
     measure_matmul_flops,
     table_peak,
+    training_batch_inputs,
 )
-from kd.tools.report import fmt_flops, pct_fine
+from kd.units import format_flops, format_percent
 
 log = logging.getLogger("kd")
 
@@ -291,15 +292,14 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
     return trainer, model.to(trainer.device).eval().requires_grad_(False)
 
 
-def make_kd_step(trainer: Any, images: torch.Tensor,
+def make_kd_step(trainer: Trainer, images: torch.Tensor,
                  targets: torch.Tensor) -> Callable[[], None]:
-    """One ``Trainer.train_step`` on the in-memory batch, counting the step as ``train`` does
-    (the schedule follows ``trainer.step``)."""
+    """One ``Trainer.train_step`` on the in-memory batch (it advances the step, and the
+    schedule with it, as in ``train``)."""
     batches = itertools.repeat((images, targets, []))
 
     def step() -> None:
-        trainer.train_step(batches, epoch_float=trainer.step / trainer.steps_per_epoch)
-        trainer.step += 1
+        trainer.train_step(batches)
 
     return step
 
@@ -357,7 +357,7 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
             kd_overrides=kd_overrides)
     dev, prec = trainer.device, trainer.precision
     g = torch.Generator().manual_seed(0)
-    channels = int(trainer.cfg.student.kwargs.get("in_chans", 3))
+    channels = trainer.cfg.student.channels
     images = torch.rand(batch, channels, image_size, image_size, generator=g).to(dev)
     targets = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
 
@@ -369,7 +369,8 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
     loops = {"plain": plain_step, "kd": make_kd_step(trainer, images, targets),
              "timm": timm_step}
 
-    flops = count_flops_safely(trainer)
+    flops = count_flops_safely(trainer.student_core, trainer.teacher,
+                               *training_batch_inputs(trainer))
     mm_precision = matmul_precision(prec, dev)
     peaks = [measure_matmul_flops(mm_precision, dev)]
     for name in LOOPS:
@@ -495,18 +496,20 @@ def print_table(result: dict[str, Any]) -> None:
             ratio = "—" if name == "kd" else f"{run['ratios'][f'kd/{name}']:.3f}"
             table.add_row(f"{run['image_size']} px" if i == 0 else "", LOOP_TITLES[name],
                           f"{row['img_per_s']:.2f}",
-                          f"{row['min']:.2f}–{row['max']:.2f} (±{50 * row['spread']:.1f} %)",
-                          ratio, pct_fine(row["mfu"]), end_section=i == len(LOOPS) - 1)
+                          f"{row['min']:.2f}–{row['max']:.2f} "
+                          f"(±{format_percent(row['spread'] / 2)})",
+                          ratio, format_percent(row["mfu"], fine=True),
+                          end_section=i == len(LOOPS) - 1)
     console = Console(width=110)
     console.print(table)
     for run in result["runs"]:
         f = run["flops"]
         console.print(
-            f"{run['image_size']} px: {fmt_flops(run['flops_per_image'])} per image (teacher "
-            f"forward {fmt_flops(f['teacher_forward'] / f['images'])}, student forward "
-            f"{fmt_flops(f['student_forward'] / f['images'])}, backward "
-            f"{fmt_flops(f['backward'] / f['images'])}); peak "
-            f"{fmt_flops(run['peak_flops'], per_s=True)} ({run['matmul_precision']} matmul, "
+            f"{run['image_size']} px: {format_flops(run['flops_per_image'])} per image (teacher "
+            f"forward {format_flops(f['teacher_forward'] / f['images'])}, student forward "
+            f"{format_flops(f['student_forward'] / f['images'])}, backward "
+            f"{format_flops(f['backward'] / f['images'])}); peak "
+            f"{format_flops(run['peak_flops'], per_s=True)} ({run['matmul_precision']} matmul, "
             f"measured)", highlight=False, soft_wrap=True)
     console.print(f"machine: {m['device_name']}, {m['threads']} threads "
                   f"({m['logical_cores']} logical cores), torch {m['torch']}, timm {m['timm']}",

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from kd import __version__
-from kd.config import to_container
+from kd.config import KDConfig
 from kd.core.checkpoint import atomic_write_text, fsync_dir, save_weights, sha256_file
-from kd.core.dist import barrier, init_distributed
+from kd.core.dist import DistInfo, barrier
 from kd.core.models import build_teacher, check_model_input, teacher_dtype
 from kd.core.precision import autocast, resolve_precision
 from kd.core.task import teacher_input
@@ -36,11 +36,10 @@ from kd.core.teacher_cache import (
     top_k_rows,
 )
 from kd.data.batch import BatchPreparer
-from kd.data.build import build_split
-from kd.data.datasets import WithIndex, collate
+from kd.data.pipeline import Ranks, RunData
 from kd.data.sampler import TrainBatchSampler, epoch_order
-from kd.data.tuning import resolve_num_workers
 from kd.errors import CacheError, ConfigError, output_error
+from kd.units import format_bytes
 
 log = logging.getLogger("kd")
 
@@ -68,36 +67,42 @@ def rank_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int, w
 class CacheBuilder:
     """Writes this rank's shards of a cache (see :func:`build_cache`)."""
 
-    def __init__(self, cfg: Any, epochs: int, top_k: int, out: Path) -> None:
-        self.cfg, self.epochs, self.out = cfg, epochs, out
-        dc = cfg.data
-        if dc.stream:
+    def __init__(self, cfg: KDConfig, info: DistInfo, epochs: int, top_k: int,
+                 out: Path) -> None:
+        self.cfg, self.dist, self.epochs, self.out = cfg, info, epochs, out
+        data = cfg.data
+        if data.stream:
             raise ConfigError("kd cache-teacher needs an indexed training split (rows are "
                               "keyed by sample index); set data.stream=false")
-        self.dist = init_distributed(cfg.dist, cfg.train.device)
-        self.device = self.dist.device
-        self.channels = cfg.student.kwargs.get("in_chans", 3)
-        self.train_set = build_split(dc, "train", self.channels, seed=cfg.seed)
-        if not 1 <= top_k <= dc.num_classes:
-            raise ConfigError(f"--top-k {top_k}: choose 1 to data.num_classes={dc.num_classes}")
+        self.device = info.device
+        self.channels = cfg.student.channels
+        # The trainer's own data builder and batch preparer: cached rows belong to exactly the
+        # images training reads and mixes.
+        self.data = RunData(data, self.channels, cfg.seed,
+                            Ranks(info.rank, info.world_size, info.local_world_size),
+                            pin_memory=self.device.type == "cuda")
+        self.train_set = self.data.train_set
+        if not 1 <= top_k <= data.num_classes:
+            raise ConfigError(f"--top-k {top_k}: choose 1 to data.num_classes={data.num_classes}")
         self.top_k = top_k
-        self.teacher = build_teacher(cfg.teacher, dc.num_classes)
+        self.teacher = build_teacher(cfg.teacher, data.num_classes)
         if self.teacher is None:
             raise ConfigError("kd cache-teacher needs a teacher: set teacher.checkpoint or "
                               "teacher.pretrained=true")
         # A teacher that cannot take the data fails here, before anything is written.
         check_model_input(self.teacher.model, self.teacher.norm, self.train_set[0][0][None],
-                          section="teacher", name=cfg.teacher.name, image_size=dc.image_size,
-                          teacher_image_size=cfg.teacher.image_size, grey_to_rgb=dc.grey_to_rgb)
+                          section="teacher", name=cfg.teacher.name, image_size=data.image_size,
+                          teacher_image_size=cfg.teacher.image_size,
+                          grey_to_rgb=data.grey_to_rgb)
         self.teacher.to(self.device)
-        # The trainer's own preparer: cached rows belong to exactly the images training mixes.
-        self.preparer = BatchPreparer(dc, cfg.seed, self.dist.rank, self.device,
+        self.preparer = BatchPreparer(data, cfg.seed, info.rank, self.device,
                                       cfg.train.label_smoothing)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         # The teacher as a live run holds it, so that cached and live logits agree.
         self.teacher.cast(teacher_dtype(cfg.teacher.dtype, self.precision))
-        self.fields = cache_fields(cfg, self.channels, len(self.train_set), self.dist.world_size)
-        self.fields["teacher.checkpoint sha256"] = checkpoint_sha256(cfg)
+        self.fields = cache_fields(data, cfg.teacher, cfg.seed, self.channels,
+                                   len(self.train_set), info.world_size)
+        self.fields["teacher.checkpoint sha256"] = checkpoint_sha256(cfg.teacher.checkpoint)
 
     # -- the plan and its resumption
     def plan(self) -> dict[str, Any]:
@@ -164,15 +169,9 @@ class CacheBuilder:
     # -- computing
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(indices, seeds, teacher input) per batch of this rank's share of ``epoch``."""
-        from torch.utils.data import DataLoader
-
-        dc = self.cfg.data
-        keys = rank_batches(len(self.train_set), dc.batch_size, self.cfg.seed, epoch,
+        keys = rank_batches(len(self.train_set), self.cfg.data.batch_size, self.cfg.seed, epoch,
                             self.dist.rank, self.dist.world_size, self.preparer.mixes)
-        workers = self.num_workers
-        loader = DataLoader(WithIndex(self.train_set), batch_sampler=keys, collate_fn=collate,
-                            num_workers=workers, prefetch_factor=dc.prefetch_factor if workers
-                            else None, pin_memory=self.device.type == "cuda")
+        loader = self.data.keyed_loader(keys)
         for b, (images, targets, _bad, index) in enumerate(loader):
             # With mixing, `keys` are this rank's training batches: b is the trainer's
             # micro-batch index in the epoch, so the mix seeds agree.
@@ -238,27 +237,17 @@ class CacheBuilder:
         fsync_dir(self.out)
         return manifest
 
-    @property
-    def num_workers(self) -> int:
-        if not hasattr(self, "_num_workers"):
-            dc = self.cfg.data
-            self._num_workers = resolve_num_workers(
-                dc.num_workers, self.train_set, dc.batch_size, self.dist.local_world_size,
-                cache_key={"data": to_container(dc), "channels": self.channels},
-                seed=self.cfg.seed, prefetch_factor=dc.prefetch_factor,
-                pin_memory=self.device.type == "cuda")
-        return self._num_workers
-
-
-def build_cache(cfg: Any, epochs: int, top_k: int, out: str | Path) -> dict[str, Any] | None:
-    """Run the teacher over ``epochs`` epochs and write a cache into ``out`` (every rank takes
-    part). Finished shards of an interrupted build are kept. Returns the manifest on rank 0."""
+def build_cache(cfg: KDConfig, info: DistInfo, epochs: int, top_k: int,
+                out: str | Path) -> dict[str, Any] | None:
+    """Run the teacher over ``epochs`` epochs and write a cache into ``out`` (every rank of
+    ``info`` takes part). Finished shards of an interrupted build are kept. Returns the manifest
+    on rank 0."""
     from tqdm import tqdm
 
     if epochs < 1:
         raise ConfigError(f"--epochs {epochs}: give at least 1")
     out = Path(out)
-    builder = CacheBuilder(cfg, epochs, top_k, out)
+    builder = CacheBuilder(cfg, info, epochs, top_k, out)
     builder.check_out()
     if builder.dist.is_main:
         remove_temporaries(out)
@@ -271,7 +260,7 @@ def build_cache(cfg: Any, epochs: int, top_k: int, out: str | Path) -> dict[str,
         log.info("kd cache-teacher: %d images x %d epochs x %d bytes (top-%d of %d classes) = "
                  "%s in %s; %d of %d epochs to compute (%d processes)", n, epochs,
                  row_bytes(top_k, cfg.data.num_classes), top_k, cfg.data.num_classes,
-                 human_size(est), out, len(todo), epochs, builder.dist.world_size)
+                 format_bytes(est, si=True), out, len(todo), epochs, builder.dist.world_size)
     t0 = time.perf_counter()
     with tqdm(total=builder.rank_rows_per_epoch() * len(todo), unit="img",
               disable=not builder.dist.is_main, desc="teacher outputs",
@@ -287,17 +276,16 @@ def build_cache(cfg: Any, epochs: int, top_k: int, out: str | Path) -> dict[str,
         raise output_error(f"--out {out}: cannot write {MANIFEST_FILE}", e,
                            setting="--out") from None
     log.info("kd cache-teacher: wrote %s (%d rows, %.1f bytes per image-epoch) in %.1f s",
-             human_size(manifest["bytes"]), manifest["rows"], manifest["bytes_per_image_epoch"],
+             format_bytes(manifest["bytes"], si=True), manifest["rows"],
+             manifest["bytes_per_image_epoch"],
              manifest["build_s"])
     return manifest
 
 
 def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable: the loop returns at TB")
+    """Only for kd/cli.py, which still imports this name: delete once it calls
+    ``kd.units.format_bytes(n, si=True)`` itself."""
+    return format_bytes(n, si=True)
 
 
 def remove_temporaries(out: Path) -> None:

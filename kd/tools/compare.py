@@ -17,7 +17,6 @@ top-1 per arm: mean ± standard deviation over seeds, per-seed values and the ga
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -26,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd.config import to_yaml
+from kd.config import KDConfig, derive, to_yaml
 from kd.core.checkpoint import atomic_write_text
-from kd.core.dist import init_distributed
+from kd.core.dist import DistInfo
 from kd.core.trainer import Trainer
-from kd.data.build import build_split
+from kd.data.pipeline import RunData, steps_per_epoch
 from kd.errors import ConfigError
 
 log = logging.getLogger("kd")
@@ -56,7 +55,7 @@ class Arm:
         return statistics.stdev(self.top1) if len(self.top1) > 1 else 0.0
 
 
-def arm_overrides(cfg: Any, arm: str) -> dict[str, Any]:
+def arm_overrides(cfg: KDConfig, arm: str) -> dict[str, Any]:
     """How an arm's config differs from the configured run (dotted keys)."""
     if arm == "labels":
         return {"distill.loss": "none", "data.transfer_set": "none"}
@@ -65,25 +64,18 @@ def arm_overrides(cfg: Any, arm: str) -> dict[str, Any]:
     return {}
 
 
-def arms_for(cfg: Any) -> list[str]:
+def arms_for(cfg: KDConfig) -> list[str]:
     if cfg.distill.loss == "none":
         raise ConfigError("kd compare measures distillation against labels only: set "
                           "distill.loss (soft, hard, token or dkd) and a teacher")
     return list(ARMS) if cfg.data.transfer_set != "none" else list(ARMS[:2])
 
 
-def _set(cfg: Any, dotted: str, value: Any) -> None:
-    *sections, key = dotted.split(".")
-    for section in sections:
-        cfg = getattr(cfg, section)
-    setattr(cfg, key, value)
+def _train_size(cfg: KDConfig) -> int:
+    return len(RunData(cfg.data, cfg.student.channels, cfg.seed).train_set)
 
 
-def _train_size(cfg: Any) -> int:
-    return len(build_split(cfg.data, "train", cfg.student.kwargs.get("in_chans", 3), cfg.seed))
-
-
-def plan(cfg: Any, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def plan(cfg: KDConfig, world_size: int) -> tuple[dict[str, Any], dict[str, KDConfig]]:
     """The shared budget and each arm's config (``cfg``: the resolved config of the command)."""
     if cfg.distill.teacher_cache:
         raise ConfigError("kd compare trains every arm with several seeds and its own data, but "
@@ -92,7 +84,8 @@ def plan(cfg: Any, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
                           "teacher)")
     arms = arms_for(cfg)
     accum = cfg.train.grad_accum_steps
-    sizes = {arm: _train_size(_with(cfg, arm_overrides(cfg, arm))) for arm in arms}
+    sizes = {arm: _train_size(derive(cfg, arm_overrides(cfg, arm), f"kd compare ({arm})"))
+             for arm in arms}
     batch = min(cfg.data.batch_size, min(sizes.values()) // (world_size * accum))
     if batch < 1:
         raise ConfigError(f"kd compare: the labelled training split has {min(sizes.values())} "
@@ -101,7 +94,7 @@ def plan(cfg: Any, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("kd compare: data.batch_size %d -> %d for every arm, so that the %d labelled "
                  "images fill a batch", cfg.data.batch_size, batch, min(sizes.values()))
     reference = arms[-1]
-    ref_epoch_steps = sizes[reference] // (batch * world_size * accum)
+    ref_epoch_steps = steps_per_epoch(sizes[reference], batch, world_size, accum)
     steps = cfg.train.epochs * ref_epoch_steps
     if cfg.train.max_steps:
         steps = min(steps, cfg.train.max_steps)
@@ -110,25 +103,18 @@ def plan(cfg: Any, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
               "reference_arm": reference, "train_images": sizes}
     configs = {}
     for arm in arms:
-        epoch_steps = sizes[arm] // (batch * world_size * accum)
-        configs[arm] = _with(cfg, {
+        epoch_steps = steps_per_epoch(sizes[arm], batch, world_size, accum)
+        configs[arm] = derive(cfg, {
             **arm_overrides(cfg, arm), "data.batch_size": batch, "train.max_steps": steps,
             "train.epochs": math.ceil(steps / epoch_steps),
             "sched.warmup_epochs": warmup_steps / epoch_steps,
-            "train.eval_every_epochs": EVAL_AT_END})
+            "train.eval_every_epochs": EVAL_AT_END}, f"kd compare ({arm})")
     return budget, configs
 
 
-def _with(cfg: Any, overrides: dict[str, Any]) -> Any:
-    out = copy.deepcopy(cfg)
-    for key, value in overrides.items():
-        _set(out, key, value)
-    return out
-
-
-def run_compare(cfg: Any, seeds: int, out_dir: Path) -> dict[str, Any]:
-    """Train every arm for every seed; write ``compare.json`` and ``compare.png``."""
-    info = init_distributed(cfg.dist, cfg.train.device)
+def run_compare(cfg: KDConfig, info: DistInfo, seeds: int, out_dir: Path) -> dict[str, Any]:
+    """Train every arm for every seed on the ranks of ``info``; write ``compare.json`` and
+    ``compare.png``."""
     budget, configs = plan(cfg, info.world_size)
     log.info("kd compare: arms %s, %d seeds, %d steps of %d images per process each",
              ", ".join(configs), seeds, budget["steps"], budget["batch_size"])
@@ -136,9 +122,9 @@ def run_compare(cfg: Any, seeds: int, out_dir: Path) -> dict[str, Any]:
     for k in range(seeds):
         seed = cfg.seed + k
         for arm, arm_cfg in configs.items():
-            run_cfg = _with(arm_cfg, {"seed": seed})
-            run_cfg.output_dir = str(out_dir / arm / f"seed_{seed}")
-            summary = Trainer(run_cfg).train()
+            run_cfg = derive(arm_cfg, {"seed": seed,
+                                       "output_dir": str(out_dir / arm / f"seed_{seed}")})
+            summary = Trainer(run_cfg, info).train()
             results[arm].top1.append(float(summary["student_top1"]))
             results[arm].runs.append(run_cfg.output_dir)
             log.info("kd compare: %s, seed %d: student top-1 %.4f", arm, seed,

@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -41,12 +40,12 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kd.config import KDConfig, OptimConfig
 from kd.core.models import (
     FrozenTeacher,
     build_input_norm,
@@ -63,6 +62,7 @@ from kd.data.datasets import DigitsDataset
 from kd.errors import UserError, output_error
 from kd.tools.profiler import count_flops_safely, matmul_precision, table_peak, tensor_bytes
 from kd.tools.profiler import optimizer_state_bytes as state_bytes
+from kd.units import format_bytes, format_duration, format_flops
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3
@@ -314,7 +314,7 @@ def plan_precision(precision: str) -> str:
     return "bf16" if precision == "auto" else precision
 
 
-def training_setup(cfg: Any) -> TrainingSetup:
+def training_setup(cfg: KDConfig) -> TrainingSetup:
     """The :class:`TrainingSetup` of a loaded config."""
     deepspeed = cfg.dist.strategy == "deepspeed"
     return TrainingSetup(batch_size=int(cfg.data.batch_size),
@@ -546,13 +546,13 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def data_channels(cfg: Any) -> int:
+def data_channels(cfg: KDConfig) -> int:
     """The channels of the configured dataset's images, without reading it: digits are grey,
     the image datasets decode to RGB, and synthetic images take the student's ``in_chans``."""
     if cfg.data.name == "digits":
         return DigitsDataset.channels
     if cfg.data.name == "synthetic":
-        return int(cfg.student.kwargs.get("in_chans", 3))
+        return cfg.student.channels
     return 3
 
 
@@ -567,7 +567,7 @@ class PlanModels:
     cached: bool  # teacher logits come from distill.teacher_cache
 
 
-def build_models(cfg: Any, device: torch.device) -> PlanModels:
+def build_models(cfg: KDConfig, device: torch.device) -> PlanModels:
     """Student, teacher and task as the trainer builds them, but with random weights.
 
     The student is built without ``student.pretrained`` and the teacher without reading
@@ -575,18 +575,17 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
     not need the weights (or the network) on the machine that makes it.
     """
     torch.manual_seed(cfg.seed)
-    dc = cfg.data
-    classes = dc.num_classes
-    student_cfg = copy.deepcopy(cfg.student)
-    student_cfg.pretrained = False  # the architecture is what matters: nothing downloaded
-    student = build_student(student_cfg, classes)
+    data = cfg.data
+    classes = data.num_classes
+    # The architecture is what matters: nothing downloaded.
+    student = build_student(dataclasses.replace(cfg.student, pretrained=False), classes)
     student_norm = build_input_norm(student, cfg.student.mean, cfg.student.std, "student")
     # The plan never reads the data: a random image of the data's shape takes the check that
     # training makes before its first step.
-    image = torch.randint(0, 256, (1, data_channels(cfg), dc.image_size, dc.image_size),
+    image = torch.randint(0, 256, (1, data_channels(cfg), data.image_size, data.image_size),
                           dtype=torch.uint8)
     check_model_input(student, student_norm, image, section="student", name=cfg.student.name,
-                      image_size=dc.image_size, grey_to_rgb=dc.grey_to_rgb)
+                      image_size=data.image_size, grey_to_rgb=data.grey_to_rgb)
     cached = bool(cfg.distill.teacher_cache)
     teacher = None
     if not cached and (cfg.distill.loss != "none" or cfg.teacher.checkpoint
@@ -596,8 +595,8 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
                                   **dict(cfg.teacher.kwargs))
         teacher_norm = build_input_norm(model, cfg.teacher.mean, cfg.teacher.std, "teacher")
         check_model_input(model, teacher_norm, image, section="teacher", name=cfg.teacher.name,
-                          image_size=dc.image_size, teacher_image_size=cfg.teacher.image_size,
-                          grey_to_rgb=dc.grey_to_rgb)
+                          image_size=data.image_size, teacher_image_size=cfg.teacher.image_size,
+                          grey_to_rgb=data.grey_to_rgb)
         teacher = FrozenTeacher(model, teacher_norm).to(device)
         # Held as training holds it: bf16 weights under bf16 autocast (teacher.dtype=auto).
         teacher.cast(teacher_dtype(cfg.teacher.dtype, plan_precision(cfg.train.precision)))
@@ -609,7 +608,7 @@ def build_models(cfg: Any, device: torch.device) -> PlanModels:
     return PlanModels(student, student_norm, teacher, task, cached)
 
 
-def activation_peak(built: PlanModels, cfg: Any, batch: int, device: torch.device,
+def activation_peak(built: PlanModels, cfg: KDConfig, batch: int, device: torch.device,
                     precision: str) -> int:
     """Peak bytes of tensors alive during one training step at ``batch`` (beyond the weights).
 
@@ -642,7 +641,7 @@ def activation_peak(built: PlanModels, cfg: Any, batch: int, device: torch.devic
     return live.peak
 
 
-def _optimizer_bytes_per_param(student: torch.nn.Module, cfg: Any) -> float:
+def _optimizer_bytes_per_param(student: torch.nn.Module, cfg: OptimConfig) -> float:
     """Bytes of optimizer state per trainable parameter, after one step of the configured one."""
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(student, cfg)
@@ -653,7 +652,7 @@ def _optimizer_bytes_per_param(student: torch.nn.Module, cfg: Any) -> float:
     return state_bytes(optimizer) / max(1, sum(p.numel() for p in trainable))
 
 
-def measure_models(cfg: Any, device: torch.device | None = None,
+def measure_models(cfg: KDConfig, device: torch.device | None = None,
                    batches: tuple[int, int] = MEASURE_BATCHES) -> ModelMeasurement:
     """Build the config's models (random weights) and measure what a plan needs, on ``device``.
 
@@ -677,14 +676,12 @@ def measure_models(cfg: Any, device: torch.device | None = None,
     (b1, b2), (p1, p2) = batches, peaks
     per_image = max(1.0, (p2 - p1) / (b2 - b1))  # > 0 even if a tiny model's peak is flat
     fixed = max(0.0, p1 - b1 * per_image)
-    # kd.tools.profiler.count_flops reads these attributes of a Trainer; one image stands for the
-    # batch (FLOPs depend on shapes only).
-    channels = cfg.student.kwargs.get("in_chans", 3)
-    image = torch.zeros(channels, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8)
-    subject = SimpleNamespace(task=built.task, teacher=teacher, student_core=student,
-                              device=device, train_set=[(image, 0)],
-                              cfg=SimpleNamespace(data=SimpleNamespace(batch_size=1)))
-    flops = count_flops_safely(subject)
+    # One image stands for the batch (FLOPs depend on shapes only).
+    side = cfg.data.image_size
+    image = torch.zeros(1, cfg.student.channels, side, side, dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        inputs = built.task.prepare(image)
+    flops = count_flops_safely(student, teacher, *inputs)
     bytes_per_param = _optimizer_bytes_per_param(student, cfg.optim)
     teacher_tensors = [*teacher.parameters(), *teacher.buffers()] if teacher is not None else []
     return ModelMeasurement(
@@ -712,7 +709,7 @@ def measure_models(cfg: Any, device: torch.device | None = None,
     )
 
 
-def run_plan(cfg: Any, cluster: Cluster, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
+def run_plan(cfg: KDConfig, cluster: Cluster, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
     """Measure the config's models here and plan the job on ``cluster``.
 
     Example:
@@ -727,32 +724,6 @@ def run_plan(cfg: Any, cluster: Cluster, mfu: float = DEFAULT_MFU) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------ output
-def format_bytes(n: float) -> str:
-    """``n`` bytes in GiB, MiB or KiB (binary units, as nvidia-smi's MiB).
-
-    Example:
-        >>> format_bytes(3 * 1024**3), format_bytes(1536 * 1024), format_bytes(0)
-        ('3.00 GiB', '1.50 MiB', '0 B')
-    """
-    if abs(n) >= GiB:
-        return f"{n / GiB:,.2f} GiB"
-    if abs(n) >= MiB:
-        return f"{n / MiB:,.2f} MiB"
-    if abs(n) >= 1024:
-        return f"{n / 1024:,.1f} KiB"
-    return f"{n:,.0f} B"
-
-
-def _seconds(s: float) -> str:
-    if s < 1e-3:
-        return f"{s * 1e6:,.1f} µs"
-    return f"{s * 1e3:,.1f} ms" if s < 10 else f"{s:,.1f} s"
-
-
-def _flops(n: float) -> str:
-    return f"{n / 1e12:,.2f} TFLOP" if n >= 1e12 else f"{n / 1e9:,.3g} GFLOP"
-
-
 def _batch(n: int) -> str:
     return "none fits" if n <= 0 else f"{n:,}"
 
@@ -830,12 +801,12 @@ def print_plan(plan: dict[str, Any], console: Any = None) -> None:
     sync = "gradient all-reduce" + (" + ZeRO broadcast" if s["zero"] and
                                     s["strategy"] == "ddp" else "")
     rows = [("images per step (all GPUs)", lambda t: f"{t['images_per_step']:,}"),
-            ("FLOPs per GPU", lambda t: _flops(t["flops_per_gpu"])),
-            ("compute", lambda t: _seconds(t["compute_s"])),
-            (sync, lambda t: f"{_seconds(t['comm_s'])} for "
+            ("FLOPs per GPU", lambda t: format_flops(t["flops_per_gpu"])),
+            ("compute", lambda t: format_duration(t["compute_s"])),
+            (sync, lambda t: f"{format_duration(t['comm_s'])} for "
                              f"{format_bytes(t['allreduce_bytes'] + t['zero_broadcast_bytes'])}"),
-            ("step", lambda t: _seconds(t["step_s"])),
-            ("step, overlapped", lambda t: _seconds(t["step_s_overlapped"])),
+            ("step", lambda t: format_duration(t["step_s"])),
+            ("step, overlapped", lambda t: format_duration(t["step_s_overlapped"])),
             ("images/s (all GPUs)", lambda t: f"{t['images_per_s']:,.0f}"),
             ("images/s, overlapped", lambda t: f"{t['images_per_s_overlapped']:,.0f}")]
     for label, cell in rows:

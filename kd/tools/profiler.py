@@ -11,7 +11,6 @@ The ranges it reads are opened by :func:`kd.core.annotate.annotate` around every
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import platform
@@ -27,11 +26,13 @@ from typing import Any
 import psutil
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.autograd import DeviceType
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from kd.core.annotate import SMPROF_MODULE, import_smprof
+from kd.core.trainer import Trainer
 from kd.errors import UserError
 from kd.tools import report
 
@@ -40,37 +41,6 @@ log = logging.getLogger("kd")
 EXTERNAL_PROFILERS = ("none", "nsys", "sagemaker")
 
 # ------------------------------------------------------------------------------ step timer
-class StepTimer:
-    """The trainer's ``PhaseTimer`` with a flush after every step, for profiling runs.
-
-    The trainer flushes its timer only at log steps, so training never waits for the GPU. A
-    profile needs each step's phase times: :meth:`end_step` flushes the inner timer (one GPU
-    synchronisation per step) and keeps the sum since the trainer's last :meth:`flush`, so the
-    trainer's metrics records hold what they would have held without profiling.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self._since_flush: dict[str, float] = {}
-
-    def phase(self, name: str, host: bool = False) -> contextlib.AbstractContextManager:
-        return self.inner.phase(name, host=host)
-
-    def end_step(self) -> dict[str, float]:
-        """Seconds per phase of the step that just ended."""
-        times = self.inner.flush()
-        for key, value in times.items():
-            self._since_flush[key] = self._since_flush.get(key, 0.0) + value
-        return times
-
-    def flush(self) -> dict[str, float]:
-        """Seconds per phase since the last flush, as ``PhaseTimer.flush``."""
-        rest = self.inner.flush()
-        out = {k: self._since_flush.get(k, 0.0) + v for k, v in rest.items()}
-        self._since_flush = {}
-        return out
-
-
 # ------------------------------------------------------------------------------ sampling
 @dataclass
 class ResourceSamples:
@@ -199,32 +169,32 @@ def _stand_ins(module: torch.nn.Module, device: torch.device | str,
     return out
 
 
-def count_flops(trainer: Any, device: torch.device | str = "meta") -> FlopCount:
-    """Teacher forward + student forward + backward FLOPs on one batch of real-sized images.
+def count_flops(student: nn.Module, teacher: nn.Module | None, x_student: torch.Tensor,
+                x_teacher: torch.Tensor | None, device: torch.device | str = "meta"
+                ) -> FlopCount:
+    """Teacher forward + student forward + backward FLOPs on one batch.
 
-    The batch is one training image repeated ``data.batch_size`` times (FLOPs depend on shapes
-    only), normalised as in training. The models run through ``torch.func.functional_call`` on
-    stand-in tensors (the meta device by default: nothing is computed), so the training state is
-    untouched. The backward pass starts from the sum of the student's outputs: the loss's own
-    FLOPs are negligible and not matrix products, which is what the counter counts. On meta,
-    attention is counted through its matrix products; on a CPU device it would not be (the
-    fused CPU attention kernel has no FLOP formula), one more reason to count on meta.
+    Args:
+        student: the (unwrapped) student, in training mode.
+        teacher: the frozen teacher, or None (labels only, or a teacher cache).
+        x_student: a batch as the student takes it (normalised); FLOPs depend on its shape only.
+        x_teacher: the teacher's input for the same batch, or None.
+        device: where to count. The models run through ``torch.func.functional_call`` on
+            stand-in tensors (the meta device by default: nothing is computed), so the
+            training state is untouched. On meta, attention is counted through its matrix
+            products; on a CPU device it would not be (the fused CPU attention kernel has no
+            FLOP formula), one more reason to count on meta.
+
+    The backward pass starts from the sum of the student's outputs: the loss's own FLOPs are
+    negligible and not matrix products, which is what the counter counts.
     """
-    task, teacher = trainer.task, trainer.teacher
-    image = trainer.train_set[0][0]
-    batch = trainer.cfg.data.batch_size
-    images = image[None].expand(batch, *image.shape).to(trainer.device)
-    with torch.no_grad():
-        x_student, x_teacher = task.prepare(images)
-    x_student = x_student.to(device)
-    if x_teacher is not None:
-        x_teacher = x_teacher.to(device)
+    x_student = x_student.detach().to(device)
     counts = []
     with FlopCounterMode(display=False) as counter:
         if x_teacher is not None and teacher is not None:
-            functional_call(teacher, _stand_ins(teacher, device, False), (x_teacher,))
+            functional_call(teacher, _stand_ins(teacher, device, False),
+                            (x_teacher.detach().to(device),))
     counts.append(counter.get_total_flops())
-    student = trainer.student_core
     with FlopCounterMode(display=False) as counter:
         out = functional_call(student, _stand_ins(student, device, True), (x_student,))
     counts.append(counter.get_total_flops())
@@ -233,18 +203,29 @@ def count_flops(trainer: Any, device: torch.device | str = "meta") -> FlopCount:
     with FlopCounterMode(display=False) as counter:
         surrogate.backward()
     counts.append(counter.get_total_flops())
-    return FlopCount(*counts, images=batch, device=str(device))
+    return FlopCount(*counts, images=x_student.shape[0], device=str(device))
 
 
-def count_flops_safely(trainer: Any) -> FlopCount:
-    """:func:`count_flops` on the meta device, or on copies on the training device when an
+def count_flops_safely(student: nn.Module, teacher: nn.Module | None, x_student: torch.Tensor,
+                       x_teacher: torch.Tensor | None) -> FlopCount:
+    """:func:`count_flops` on the meta device, or on copies on the inputs' device when an
     operator has no meta implementation."""
     try:
-        return count_flops(trainer, "meta")
+        return count_flops(student, teacher, x_student, x_teacher, "meta")
     except (NotImplementedError, RuntimeError) as e:
         log.info("counting FLOPs on the meta device failed (%s); counting on %s",
-                 str(e).splitlines()[0], trainer.device)
-        return count_flops(trainer, trainer.device)
+                 str(e).splitlines()[0], x_student.device)
+        return count_flops(student, teacher, x_student, x_teacher, x_student.device)
+
+
+def training_batch_inputs(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training batch's model inputs, for counting FLOPs: the first training image repeated
+    ``data.batch_size`` times, normalised for the student and the teacher as training does."""
+    image = trainer.train_set[0][0]
+    batch = trainer.cfg.data.batch_size
+    images = image[None].expand(batch, *image.shape).to(trainer.device)
+    with torch.no_grad():
+        return trainer.task.prepare(images)
 
 
 # ------------------------------------------------------------------------------ peak FLOP/s
@@ -343,14 +324,14 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return sum(tensor_bytes(s.values()) for s in state.values() if isinstance(s, dict))
 
 
-def model_bytes(trainer: Any) -> dict[str, int]:
+def model_bytes(student: nn.Module, teacher: nn.Module | None,
+                optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Parameters, gradients (one per trainable parameter), optimizer state and teacher bytes."""
-    params = list(trainer.student_core.parameters())
-    teacher = trainer.teacher
+    params = list(student.parameters())
     return {
         "parameters": tensor_bytes(params),
         "gradients": tensor_bytes(p for p in params if p.requires_grad),
-        "optimizer_state": optimizer_state_bytes(trainer.optimizer),
+        "optimizer_state": optimizer_state_bytes(optimizer),
         "teacher": tensor_bytes([*teacher.parameters(), *teacher.buffers()]) if teacher else 0,
     }
 
@@ -494,7 +475,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def run_profile(trainer: Any, out_dir: str | Path,
+def run_profile(trainer: Trainer, out_dir: str | Path,
                 settings: ProfileSettings | None = None) -> dict[str, Any] | None:
     """Profile ``wait + warmup + active`` training steps and write the report (rank 0).
 
@@ -534,7 +515,6 @@ def run_profile(trainer: Any, out_dir: str | Path,
 
     # The run: exactly the schedule's steps from wherever the trainer starts (a resumed step).
     n_steps = settings.wait + settings.warmup + settings.active
-    trainer.total_steps = trainer.step + n_steps
     first_active = settings.wait + settings.warmup
     baseline = _measure_before_training(trainer)
 
@@ -553,7 +533,6 @@ def run_profile(trainer: Any, out_dir: str | Path,
     if device.type == "cuda" and not external.owns_cupti:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     ops_on = "cuda" if torch.profiler.ProfilerActivity.CUDA in activities else "cpu"
-    timer = StepTimer(trainer.timer)
     steps: list[dict[str, float]] = []
     walls: list[float] = []
     marks: dict[str, float] = {}
@@ -568,8 +547,8 @@ def run_profile(trainer: Any, out_dir: str | Path,
             marks["active_start"] = time.perf_counter() - sampler.t0
         last = [time.perf_counter()]
 
-        def on_step(_: Any) -> None:
-            steps.append(timer.end_step())
+        def on_step(trainer: Trainer) -> None:
+            steps.append(trainer.timer.end_step())
             walls.append(time.perf_counter() - last[0])
             prof.step()
             done = len(steps)
@@ -581,11 +560,7 @@ def run_profile(trainer: Any, out_dir: str | Path,
                 marks["active_end"] = time.perf_counter() - sampler.t0
             last[0] = time.perf_counter()  # profiler bookkeeping is not step time
 
-        trainer.timer = timer
-        try:
-            trainer.train(evaluate=False, save=False, on_step=on_step)
-        finally:
-            trainer.timer = timer.inner
+        trainer.train(evaluate=False, save=False, steps=n_steps, on_step=on_step)
     samples = sampler.samples
 
     active = slice(first_active, first_active + settings.active)
@@ -632,10 +607,11 @@ def rank_op_totals(ops: list[dict[str, Any]], ops_on: str, exclude: Iterable[str
     return totals
 
 
-def _measure_before_training(trainer: Any) -> dict[str, Any]:
+def _measure_before_training(trainer: Trainer) -> dict[str, Any]:
     """FLOPs per batch, the peak to compare with and memory baselines, before profiling."""
     device = trainer.device
-    flops = count_flops_safely(trainer)
+    flops = count_flops_safely(trainer.student_core, trainer.teacher,
+                               *training_batch_inputs(trainer))
     precision = matmul_precision(trainer.precision, device)
     _barrier()  # ranks sharing a machine measure the peak together, as they will train
     peak, source = peak_flops(device, precision)
@@ -649,14 +625,17 @@ def _measure_before_training(trainer: Any) -> dict[str, Any]:
                   "student_forward": flops.student_forward, "backward": flops.backward,
                   "images": flops.images, "counted_on": flops.device},
         "peak_flops": peak, "peak_source": source, "matmul_precision": precision,
-        "bf16_speedup": bf16_speedup, "tensors": model_bytes(trainer),
+        "bf16_speedup": bf16_speedup,
+        "tensors": model_bytes(trainer.student_core, trainer.teacher, trainer.optimizer),
         "rss": psutil.Process().memory_info().rss,
     }
 
 
-def _memory(trainer: Any, baseline: dict[str, Any], samples: ResourceSamples) -> dict[str, Any]:
+def _memory(trainer: Trainer, baseline: dict[str, Any], samples: ResourceSamples
+            ) -> dict[str, Any]:
     """Peak memory (the allocator's on a GPU, the sampled RSS on a CPU) and tensor bytes."""
-    memory: dict[str, Any] = model_bytes(trainer)
+    memory: dict[str, Any] = model_bytes(trainer.student_core, trainer.teacher,
+                                         trainer.optimizer)
     if trainer.device.type == "cuda":
         memory.update(peak=int(torch.cuda.max_memory_allocated(trainer.device)),
                       peak_source="torch.cuda.max_memory_allocated", runtime=0)
@@ -671,7 +650,7 @@ def _memory(trainer: Any, baseline: dict[str, Any], samples: ResourceSamples) ->
     return memory
 
 
-def _run_meta(trainer: Any, settings: ProfileSettings, ops_on: str) -> dict[str, Any]:
+def _run_meta(trainer: Trainer, settings: ProfileSettings, ops_on: str) -> dict[str, Any]:
     """What was profiled, where and how: the report's setup table."""
     cfg, info, device = trainer.cfg, trainer.dist, trainer.device
     return {
@@ -685,7 +664,7 @@ def _run_meta(trainer: Any, settings: ProfileSettings, ops_on: str) -> dict[str,
                         else cpu_model()),
         "logical_cores": psutil.cpu_count(logical=True) or 1,
         "threads": torch.get_num_threads(),
-        "num_workers": int(getattr(trainer, "num_workers", cfg.data.num_workers)),
+        "num_workers": trainer.num_workers,
         "strategy": cfg.dist.strategy,
         "sharded_optimizer": bool(cfg.optim.zero or cfg.dist.strategy == "deepspeed"),
         "schedule": {"wait": settings.wait, "warmup": settings.warmup,

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kd.units import format_bytes, format_duration, format_flops, format_percent
+
 DATA_WAIT_THRESHOLD = 0.10  # share of step time spent waiting for the loader
 COMM_THRESHOLD = 0.20  # share of step time in exposed collectives (on a CPU: all of them)
 CPU_SATURATED = 0.90  # mean utilisation of all cores during the profiled steps
@@ -103,38 +105,10 @@ class Facts:
     comm_total_share: float | None = None  # all collective time; None: overlap not measured
 
 
-def pct(value: float) -> str:
-    return f"{100 * value:.1f} %"
-
-
-def fmt_s(seconds: float) -> str:
-    """Seconds with a unit that keeps 3 significant digits readable."""
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
-
-
 def pct_fine(value: float) -> str:
-    """A percentage that stays informative below 0.1 % (MFU of tiny models)."""
-    return f"{100 * value:.3f} %" if 0 < value < 1e-3 else pct(value)
-
-
-def fmt_bytes(n: float) -> str:
-    if abs(n) >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if abs(n) >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB"
-
-
-def fmt_flops(n: float, per_s: bool = False) -> str:
-    unit = "FLOP/s" if per_s else "FLOP"
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {prefix}{unit}"
-    return f"{n:.0f} {unit}"
+    """Only for kd/cli.py, which still imports this name: delete once it calls
+    ``kd.units.format_percent(value, fine=True)`` itself."""
+    return format_percent(value, fine=True)
 
 
 def phase_spread(steps: Sequence[dict[str, float]], walls: Sequence[float] | None = None
@@ -336,7 +310,7 @@ def _in_all(comm_total_share: float | None) -> str:
     """What the exposed share leaves out, for the texts that quote it."""
     if comm_total_share is None:
         return ""
-    return f" ({pct(comm_total_share)} in all, the rest overlapped with compute)"
+    return f" ({format_percent(comm_total_share)} in all, the rest overlapped with compute)"
 
 
 def classify(data_share: float, comm_share: float, world_size: int,
@@ -360,15 +334,15 @@ def classify(data_share: float, comm_share: float, world_size: int,
     what = "exposed collectives" if total is not None else "collectives"
     if data_share >= DATA_WAIT_THRESHOLD and data_share >= comm:
         return Verdict("input-bound", data_share, comm,
-                       f"waiting for data takes {pct(data_share)} of the step "
-                       f"(threshold {pct(DATA_WAIT_THRESHOLD)})", total)
+                       f"waiting for data takes {format_percent(data_share)} of the step "
+                       f"(threshold {format_percent(DATA_WAIT_THRESHOLD)})", total)
     if world_size > 1 and comm >= COMM_THRESHOLD:
         return Verdict("communication-bound", data_share, comm,
-                       f"{what} take {pct(comm)} of the step (threshold "
-                       f"{pct(COMM_THRESHOLD)}){_in_all(total)}", total)
-    why = f"data wait {pct(data_share)} < {pct(DATA_WAIT_THRESHOLD)}"
+                       f"{what} take {format_percent(comm)} of the step (threshold "
+                       f"{format_percent(COMM_THRESHOLD)}){_in_all(total)}", total)
+    why = f"data wait {format_percent(data_share)} < {format_percent(DATA_WAIT_THRESHOLD)}"
     if world_size > 1:
-        why += f", {what} {pct(comm)} < {pct(COMM_THRESHOLD)}{_in_all(total)}"
+        why += f", {what} {format_percent(comm)} < {format_percent(COMM_THRESHOLD)}{_in_all(total)}"
     return Verdict("compute-bound", data_share, comm, f"the models' arithmetic dominates ({why})",
                    total)
 
@@ -378,8 +352,8 @@ def recommend(f: Facts) -> list[Recommendation]:
     recs = []
     if f.data_share > DATA_WAIT_THRESHOLD:
         recs.append(Recommendation(
-            "data-wait", f"data wait {pct(f.data_share)} of the step "
-            f"(> {pct(DATA_WAIT_THRESHOLD)})",
+            "data-wait", f"data wait {format_percent(f.data_share)} of the step "
+            f"(> {format_percent(DATA_WAIT_THRESHOLD)})",
             f"feed the models faster: raise data.num_workers (now {f.num_workers}) while CPUs "
             f"have headroom, decode faster (smaller stored images, a faster JPEG decoder) or "
             f"cache decoded, resized images"))
@@ -389,20 +363,20 @@ def recommend(f: Facts) -> list[Recommendation]:
               if saturated and f.own_cpu_share is not None else 0.0)
     if saturated and others >= OTHER_PROCESSES:
         recs.append(Recommendation(
-            "cpu-contention", f"other processes use {pct(others)} of a {pct(f.cpu_util)} busy "
-            f"machine (kd: {pct(f.own_cpu_share)})",
+            "cpu-contention", f"other processes use {format_percent(others)} of a "
+            f"{format_percent(f.cpu_util)} busy machine (kd: {format_percent(f.own_cpu_share)})",
             "kd's threads wait for CPU time, so steps are slow and uneven: run on a machine "
             "of its own or pin kd to free cores (taskset, numactl), with torch threads × "
             "ranks + loader workers ≤ cores"))
     loaders_busy = f.workers_cpu_share is None or f.workers_cpu_share >= LOADER_CPU
     if (saturated and f.num_workers > 0 and workers_per_node >= MANY_WORKERS * f.logical_cores
             and others < OTHER_PROCESSES and loaders_busy):
-        use = (f" using {pct(f.workers_cpu_share)} of the machine"
+        use = (f" using {format_percent(f.workers_cpu_share)} of the machine"
                if f.workers_cpu_share is not None else "")
         recs.append(Recommendation(
-            "cpu-saturated", f"CPUs {pct(f.cpu_util)} busy with {workers_per_node} loader "
-            f"process{'es' if workers_per_node != 1 else ''}{use} on {f.logical_cores} logical "
-            f"cores",
+            "cpu-saturated", f"CPUs {format_percent(f.cpu_util)} busy with {workers_per_node} "
+            f"loader process{'es' if workers_per_node != 1 else ''}{use} on {f.logical_cores} "
+            f"logical cores",
             "lower data.num_workers: loader processes compete with the training processes' "
             "compute and launch threads"))
     if (f.precision in ("fp32", "tf32") and f.gemm_share >= GEMM_SHARE_THRESHOLD
@@ -410,30 +384,30 @@ def recommend(f: Facts) -> list[Recommendation]:
         speed = (f"; bf16 matmuls peak {f.bf16_speedup:.1f}× higher here"
                  if f.bf16_speedup is not None else "")
         recs.append(Recommendation(
-            "fp32-gemm", f"matrix products take {pct(f.gemm_share)} of operator time in "
+            "fp32-gemm", f"matrix products take {format_percent(f.gemm_share)} of operator time in "
             f"{f.precision}{speed}",
             "set train.precision=bf16 (autocast; weights and optimizer stay fp32)"))
     if (f.world_size > 1 and not f.sharded_optimizer and f.memory_peak_bytes > 0
             and f.optimizer_state_bytes >= OPTIMIZER_STATE_SHARE * f.memory_peak_bytes):
         saved = f.optimizer_state_bytes * (1 - 1 / f.world_size)
         recs.append(Recommendation(
-            "optimizer-state", f"optimizer state {fmt_bytes(f.optimizer_state_bytes)} = "
-            f"{pct(f.optimizer_state_bytes / f.memory_peak_bytes)} of peak memory, replicated "
-            f"on {f.world_size} ranks",
-            f"set optim.zero=true to shard it (about {fmt_bytes(saved)} less per rank), then "
+            "optimizer-state", f"optimizer state {format_bytes(f.optimizer_state_bytes)} = "
+            f"{format_percent(f.optimizer_state_bytes / f.memory_peak_bytes)} of peak memory, "
+            f"replicated on {f.world_size} ranks",
+            f"set optim.zero=true to shard it (about {format_bytes(saved)} less per rank), then "
             f"spend the memory on a larger data.batch_size"))
     if f.world_size > 1 and f.comm_share > COMM_THRESHOLD:
         what = "exposed collectives" if f.comm_total_share is not None else "collectives"
         recs.append(Recommendation(
-            "communication", f"{what} {pct(f.comm_share)} of the step "
-            f"(> {pct(COMM_THRESHOLD)}){_in_all(f.comm_total_share)}",
+            "communication", f"{what} {format_percent(f.comm_share)} of the step "
+            f"(> {format_percent(COMM_THRESHOLD)}){_in_all(f.comm_total_share)}",
             "all-reduce less often per image: a larger data.batch_size or "
             "train.grad_accum_steps; check the interconnect (on AWS: EFA enabled, NCCL with "
             "the aws-ofi-nccl plugin)"))
     if f.world_size > 1 and f.slowest_excess > STRAGGLER_EXCESS:
         recs.append(Recommendation(
-            "straggler", f"rank {f.slowest_rank} is {pct(f.slowest_excess)} slower than the "
-            f"median rank", "every rank waits for it at each all-reduce: check that node "
+            "straggler", f"rank {f.slowest_rank} is {format_percent(f.slowest_excess)} slower "
+            f"than the median rank", "every rank waits for it at each all-reduce: check that node "
             "(other processes, thermal throttling, a slower data path)"))
     return recs
 
@@ -442,25 +416,26 @@ def quiet_rules(f: Facts, fired: set[str]) -> list[str]:
     """For each rule that did not fire, the number that kept it quiet."""
     notes = []
     if "data-wait" not in fired:
-        notes.append(f"data wait {pct(f.data_share)} ≤ {pct(DATA_WAIT_THRESHOLD)}")
+        notes.append(f"data wait {format_percent(f.data_share)} ≤ "
+                     f"{format_percent(DATA_WAIT_THRESHOLD)}")
     if not fired & {"cpu-contention", "cpu-saturated"}:
         if f.cpu_util is None:
             notes.append("CPU utilisation not sampled")
         else:
-            loaders = (f" (using {pct(f.workers_cpu_share)})"
+            loaders = (f" (using {format_percent(f.workers_cpu_share)})"
                        if f.workers_cpu_share is not None else "")
             n = f.num_workers * f.local_world_size
-            notes.append(f"CPUs {pct(f.cpu_util)} busy with {n} loader "
+            notes.append(f"CPUs {format_percent(f.cpu_util)} busy with {n} loader "
                          f"process{'es' if n != 1 else ''}{loaders} on {f.logical_cores} "
                          f"logical cores")
     if "fp32-gemm" not in fired:
         if f.precision not in ("fp32", "tf32"):
             notes.append(f"matrix products already run in {f.precision}")
         elif f.gemm_share < GEMM_SHARE_THRESHOLD:
-            notes.append(f"matrix products {pct(f.gemm_share)} of operator time < "
-                         f"{pct(GEMM_SHARE_THRESHOLD)}")
+            notes.append(f"matrix products {format_percent(f.gemm_share)} of operator time < "
+                         f"{format_percent(GEMM_SHARE_THRESHOLD)}")
         else:
-            notes.append(f"matrix products {pct(f.gemm_share)} of operator time in "
+            notes.append(f"matrix products {format_percent(f.gemm_share)} of operator time in "
                          f"{f.precision}, but bf16 matmuls are only {f.bf16_speedup:.2f}× as "
                          f"fast here")
     if "optimizer-state" not in fired:
@@ -470,18 +445,18 @@ def quiet_rules(f: Facts, fired: set[str]) -> list[str]:
             notes.append("optimizer state already sharded")
         else:
             share = f.optimizer_state_bytes / f.memory_peak_bytes if f.memory_peak_bytes else 0
-            notes.append(f"optimizer state {pct(share)} of peak memory < "
-                         f"{pct(OPTIMIZER_STATE_SHARE)}")
+            notes.append(f"optimizer state {format_percent(share)} of peak memory < "
+                         f"{format_percent(OPTIMIZER_STATE_SHARE)}")
     if f.world_size == 1:
         notes.append("one rank: no collectives, no stragglers")
     else:
         if "communication" not in fired:
             what = "exposed collectives" if f.comm_total_share is not None else "collectives"
-            notes.append(f"{what} {pct(f.comm_share)} ≤ {pct(COMM_THRESHOLD)}"
+            notes.append(f"{what} {format_percent(f.comm_share)} ≤ {format_percent(COMM_THRESHOLD)}"
                          f"{_in_all(f.comm_total_share)}")
         if "straggler" not in fired:
-            notes.append(f"slowest rank {pct(f.slowest_excess)} above the median ≤ "
-                         f"{pct(STRAGGLER_EXCESS)}")
+            notes.append(f"slowest rank {format_percent(f.slowest_excess)} above the median ≤ "
+                         f"{format_percent(STRAGGLER_EXCESS)}")
     return notes
 
 
@@ -701,7 +676,7 @@ def plot_memory(memory: dict[str, Any], path: Path) -> None:
         left += value / 2**20
     ax.set_yticks([])
     ax.set_xlabel("MiB")
-    ax.set_title(f"Peak memory {fmt_bytes(memory['peak'])} ({memory['peak_source']})")
+    ax.set_title(f"Peak memory {format_bytes(memory['peak'])} ({memory['peak_source']})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.2), fontsize=8)
     _save(fig, path)
 
@@ -749,8 +724,8 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
     sections.append(Section("Summary", [
         f"**Verdict: {verdict['kind']}** — {verdict['reason']}.",
         f"{analysis['img_per_s']:.1f} images/s over {meta['world_size']} rank(s), "
-        f"model FLOP utilisation {pct_fine(analysis['mfu'])}, mean step {fmt_s(r0['step_s'])} "
-        f"(rank 0).",
+        f"model FLOP utilisation {format_percent(analysis['mfu'], fine=True)}, mean step "
+        f"{format_duration(r0['step_s'])} (rank 0).",
         Table(["setting", "value"], [
             ["student / teacher", f"`{meta['student']}` / `{teacher}`"],
             ["data", f"{meta['dataset']}, {meta['image_size']} px, batch {meta['batch_size']} "
@@ -770,7 +745,7 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
 
     steps = _phases_with_other(main)
     phases = list(steps[0])
-    rows = [[str(i + 1), *(fmt_s(s[p]) for p in phases), fmt_s(w)]
+    rows = [[str(i + 1), *(format_duration(s[p]) for p in phases), format_duration(w)]
             for i, (s, w) in enumerate(zip(steps, main["walls"]))]
     sections.append(Section("Time per phase", [
         "Seconds in each phase of every profiled step on rank 0 (`other`: wall time outside "
@@ -783,8 +758,8 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
     sections.append(Section("Step-to-step spread", [
         f"Over {len(main['walls'])} profiled steps on rank 0; CV = std / mean.",
         Table(["phase", "mean", "std", "min", "max", "CV"],
-              [[_label(p), fmt_s(v["mean"]), fmt_s(v["std"]), fmt_s(v["min"]),
-                fmt_s(v["max"]), pct(v["cv"])] for p, v in spread.items()]),
+              [[_label(p), *(format_duration(v[k]) for k in ("mean", "std", "min", "max")),
+                format_percent(v["cv"])] for p, v in spread.items()]),
     ]))
 
     n_steps = len(main["walls"])
@@ -801,23 +776,25 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
     what = "CUDA kernels" if cuda else "operators"
     sections.append(Section(f"Top {len(ops)} {what} by self time", [
         f"From `torch.profiler` `key_averages()` on rank 0, summed over {n_steps} profiled "
-        f"steps; share of all {what}' self time ({fmt_s(total)}). Matrix products "
-        f"({', '.join(sorted(GEMM_OPS))}) take {pct(r0['gemm_share'])} of operator time.",
+        f"steps; share of all {what}' self time ({format_duration(total)}). Matrix products "
+        f"({', '.join(sorted(GEMM_OPS))}) take {format_percent(r0['gemm_share'])} of operator "
+        f"time.",
         Table(["operator", "calls", f"{label} total", "per step", "share"],
-              [[f"`{o['name'][:80]}`", str(o["calls"]), fmt_s(o[key]),
-                fmt_s(o[key] / n_steps), pct(o[key] / total if total > 0 else 0.0)]
+              [[f"`{o['name'][:80]}`", str(o["calls"]), format_duration(o[key]),
+                format_duration(o[key] / n_steps),
+                format_percent(o[key] / total if total > 0 else 0.0)]
                for o in ops]),
     ]))
 
     facts = analysis["facts"]
     sections.append(Section("Data wait and verdict", [
-        f"Waiting for data: {pct(facts['data_share'])} of the step (mean over ranks); "
+        f"Waiting for data: {format_percent(facts['data_share'])} of the step (mean over ranks); "
         f"{_comm_note(meta, facts, r0)}; compute: the rest.",
         *_comm_table(meta, facts, r0),
         f"**{verdict['kind']}**: {verdict['reason']}.",
-        f"Rules: input-bound when the data wait is ≥ {pct(DATA_WAIT_THRESHOLD)} of the step; "
-        f"communication-bound when exposed collectives take ≥ {pct(COMM_THRESHOLD)} (several "
-        f"ranks); compute-bound otherwise.",
+        f"Rules: input-bound when the data wait is ≥ {format_percent(DATA_WAIT_THRESHOLD)} of the "
+        f"step; communication-bound when exposed collectives take ≥ "
+        f"{format_percent(COMM_THRESHOLD)} (several ranks); compute-bound otherwise.",
     ]))
 
     samples = main["samples"]
@@ -831,8 +808,9 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
     util_blocks: list[Block] = [
         f"Sampled every ~{_interval(samples['t'])} on {main['host']} (all its cores; dashed "
         f"lines: the profiled steps). Mean over cores during the profiled steps: "
-        f"{pct(cpu_mean or 0.0)} of the machine — kd's main process {pct(own_process)}, its "
-        f"loader workers {pct(own_workers)}, other processes {pct(others)}.",
+        f"{format_percent(cpu_mean or 0.0)} of the machine — kd's main process "
+        f"{format_percent(own_process)}, its loader workers {format_percent(own_workers)}, other "
+        f"processes {format_percent(others)}.",
         Image("utilisation.png", "heat map of CPU utilisation per core over time"),
         Table(["core", *(str(i) for i in range(len(per_core)))],
               [["mean busy", *(f"{100 * u:.0f} %" for u in per_core)]]),
@@ -843,12 +821,13 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
     memory = main["memory"]
     parts = _memory_parts(memory)
     sections.append(Section("Memory", [
-        f"Peak {fmt_bytes(memory['peak'])} on rank 0 ({memory['peak_source']}). Parameters, "
+        f"Peak {format_bytes(memory['peak'])} on rank 0 ({memory['peak_source']}). Parameters, "
         f"gradients (one per trainable parameter), optimizer state and teacher are summed "
         f"tensor bytes; activations & workspace is an **estimate**: the peak minus the rest.",
         Image("memory.png", "stacked bar of peak memory by use"),
         Table(["use", "bytes", "share of peak"],
-              [[name, fmt_bytes(v), pct(v / memory["peak"] if memory["peak"] else 0.0)]
+              [[name, format_bytes(v),
+                format_percent(v / memory["peak"] if memory["peak"] else 0.0)]
                for name, v in parts]),
     ]))
 
@@ -859,19 +838,19 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
         f"{flops['images']} images (on {flops['counted_on']}); MFU = FLOPs per image × "
         f"images/s ÷ peak, per rank.",
         Table(["quantity", "value"], [
-            ["teacher forward / image", fmt_flops(flops["teacher_forward"] / flops["images"])],
-            ["student forward / image", fmt_flops(flops["student_forward"] / flops["images"])],
-            ["student backward / image", fmt_flops(flops["backward"] / flops["images"])],
-            ["total / image", fmt_flops(per_img)],
+            ["teacher forward / image", format_flops(flops["teacher_forward"] / flops["images"])],
+            ["student forward / image", format_flops(flops["student_forward"] / flops["images"])],
+            ["student backward / image", format_flops(flops["backward"] / flops["images"])],
+            ["total / image", format_flops(per_img)],
             ["images/s (all ranks)", f"{analysis['img_per_s']:.1f}"],
             ["images/s (rank 0)", f"{r0['img_per_s']:.1f}"],
-            ["achieved (rank 0)", fmt_flops(r0["achieved_flops"], per_s=True)],
-            ["peak (rank 0)", f"{fmt_flops(main['peak_flops'], per_s=True)} — "
+            ["achieved (rank 0)", format_flops(r0["achieved_flops"], per_s=True)],
+            ["peak (rank 0)", f"{format_flops(main['peak_flops'], per_s=True)} — "
                               f"{main['peak_source']}"],
             *([["bf16 matmul peak", f"{main['bf16_speedup']:.2f}× the "
                                     f"{main['matmul_precision']} peak"]]
               if main["bf16_speedup"] is not None else []),
-            ["model FLOP utilisation", pct_fine(analysis["mfu"])],
+            ["model FLOP utilisation", format_percent(analysis["mfu"], fine=True)],
         ]),
     ]))
 
@@ -879,19 +858,21 @@ def build_sections(summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
     for s, r in zip(summaries, analysis["ranks"]):
         means = r["spread"]
         rank_rows.append([str(r["rank"]), s["host"],
-                          *(fmt_s(means[p]["mean"]) for p in main["steps"][0]),
-                          fmt_s(r["step_s"]), f"{r['img_per_s']:.1f}", pct(r["data_share"])])
+                          *(format_duration(means[p]["mean"]) for p in main["steps"][0]),
+                          format_duration(r["step_s"]), f"{r['img_per_s']:.1f}",
+                          format_percent(r["data_share"])])
     rank_blocks: list[Block] = []
     if len(summaries) > 1:
         steps_s = [r["step_s"] for r in analysis["ranks"]]
         rank_blocks += [
             f"Slowest: **rank {analysis['slowest_rank']}**, mean step "
-            f"{fmt_s(max(steps_s))} against {fmt_s(statistics.median(steps_s))} for the "
-            f"median rank ({pct(facts['slowest_excess'])} slower).",
+            f"{format_duration(max(steps_s))} against "
+            f"{format_duration(statistics.median(steps_s))} for the median rank "
+            f"({format_percent(facts['slowest_excess'])} slower).",
             Image("ranks.png", "stacked bars of mean phase times per rank")]
     else:
         rank_blocks.append(f"One rank: nothing to compare (rank 0 mean step "
-                           f"{fmt_s(r0['step_s'])}).")
+                           f"{format_duration(r0['step_s'])}).")
     rank_blocks.append(Table(["rank", "host", *(_label(p) for p in main["steps"][0]), "step",
                               "images/s", "data wait"], rank_rows))
     sections.append(Section("Ranks", rank_blocks))
@@ -914,14 +895,14 @@ def _comm_note(meta: dict[str, Any], facts: dict[str, Any], r0: dict[str, Any]) 
     if meta["world_size"] == 1:
         return "collectives 0.0 % (one rank)"
     if facts.get("comm_total_share") is not None:
-        return (f"collectives (NCCL kernels) {pct(facts['comm_total_share'])} of the step in "
-                f"all, of which {pct(facts['comm_share'])} exposed — not overlapped by any "
-                f"compute kernel on the same GPU; DDP all-reduces gradient buckets while "
-                f"backward still computes, so only the exposed part lengthens the step and "
-                f"the verdict reads it")
-    return (f"collectives {pct(facts['comm_share'])} of the step "
-            f"({fmt_s(r0['comm_per_step_s'])} per step on rank 0), all of it counted: without "
-            f"device kernels ({meta['backend'] or 'no backend'} on {meta['device']}) the "
+        return (f"collectives (NCCL kernels) {format_percent(facts['comm_total_share'])} of the "
+                f"step in all, of which {format_percent(facts['comm_share'])} exposed — not "
+                f"overlapped by any compute kernel on the same GPU; DDP all-reduces gradient "
+                f"buckets while backward still computes, so only the exposed part lengthens the "
+                f"step and the verdict reads it")
+    return (f"collectives {format_percent(facts['comm_share'])} of the step "
+            f"({format_duration(r0['comm_per_step_s'])} per step on rank 0), all of it counted: "
+            f"without device kernels ({meta['backend'] or 'no backend'} on {meta['device']}) the "
             f"overlap with backward is not measured, so this is an upper bound")
 
 
@@ -930,17 +911,17 @@ def _comm_table(meta: dict[str, Any], facts: dict[str, Any], r0: dict[str, Any])
     if meta["world_size"] == 1 or facts.get("comm_total_share") is None:
         return []
     return [Table(["communication", "per step (rank 0)", "share of the step (mean over ranks)"], [
-        ["total: NCCL kernel time", fmt_s(r0["comm_per_step_s"]),
-         pct(facts["comm_total_share"])],
-        ["exposed: no compute kernel running", fmt_s(r0["exposed_comm_per_step_s"]),
-         pct(facts["comm_share"])],
+        ["total: NCCL kernel time", format_duration(r0["comm_per_step_s"]),
+         format_percent(facts["comm_total_share"])],
+        ["exposed: no compute kernel running", format_duration(r0["exposed_comm_per_step_s"]),
+         format_percent(facts["comm_share"])],
     ])]
 
 
 def _interval(t: Sequence[float]) -> str:
     if len(t) < 2:
-        return fmt_s(t[0] if t else 0.0)
-    return fmt_s((t[-1] - t[0]) / (len(t) - 1))
+        return format_duration(t[0] if t else 0.0)
+    return format_duration((t[-1] - t[0]) / (len(t) - 1))
 
 
 def _md_cell(text: str) -> str:

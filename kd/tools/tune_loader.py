@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.data.build import build_split
+from kd.config import DataConfig
+from kd.data.pipeline import RunData
 from kd.data.tuning import (
     TOLERANCE,
     LoaderFactory,
@@ -23,7 +24,6 @@ from kd.data.tuning import (
     max_workers,
     measure_throughput,
     recommend,
-    train_loader_factory,
     tune_candidates,
 )
 from kd.errors import DataError, UserError
@@ -134,7 +134,7 @@ def print_table(result: TuneResult) -> None:
     Console(width=110).print(table)
 
 
-def run_tune_loader(data_cfg: Any, *, channels: int, seed: int, out_dir: Path,
+def run_tune_loader(data_cfg: DataConfig, *, channels: int, seed: int, out_dir: Path,
                     worker_limit: int | None, prefetch_factors: Sequence[int], batches: int,
                     local_world_size: int, step_s: float = 0.0, pin_memory: bool = False
                     ) -> TuneResult:
@@ -155,15 +155,15 @@ def run_tune_loader(data_cfg: Any, *, channels: int, seed: int, out_dir: Path,
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out_dir}: cannot create it: {e.strerror}") from None
-    dataset = build_split(data_cfg, "train", channels)
-    batch_size = data_cfg.batch_size
+    data = RunData(data_cfg, channels, seed, pin_memory=pin_memory)
+    dataset, batch_size = data.train_set, data_cfg.batch_size
     if len(dataset) < batch_size:
         raise DataError(f"the training split has {len(dataset)} images, fewer than one batch "
                         f"(data.batch_size={batch_size}); lower data.batch_size")
     cap = max_workers(local_world_size)
     limit = cap if worker_limit is None else worker_limit
 
-    make_loader = train_loader_factory(dataset, batch_size, seed, pin_memory)
+    make_loader = data.loader_factory()
 
     def progress(m: Measurement) -> None:
         log.info("workers=%d prefetch=%s: %.1f images/s, CPU %.0f %%, wait %.1f ms/batch",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd.core.dist import single_process
 from kd.core.teacher_cache import shard_name
 from kd.core.trainer import Trainer
 from kd.tools.cache_builder import CacheBuilder, build_cache
@@ -39,7 +40,7 @@ def cli_train(teacher: str, out: Path, *overrides: str):
 def make_cache(teacher: str, out: Path, *overrides: str, epochs: int = 2,
                top_k: int = 4) -> dict:
     cfg = tiny_config(teacher, out.parent / f"{out.name}_cfg", *overrides)
-    manifest = build_cache(cfg, epochs, top_k, out)
+    manifest = build_cache(cfg, single_process(cfg.train.device), epochs, top_k, out)
     assert manifest is not None
     return manifest
 
@@ -91,9 +92,9 @@ def test_replayed_images_equal_the_images_the_teacher_saw(tiny_teacher: str,
     """The student's augmented, mixed batches in a cached run are bit-identical to the batches
     the cache builder ran the teacher on (tiny.yaml: same normalisation for both models)."""
     cfg = tiny_config(tiny_teacher, tmp_path / "cfg", *MIX)
-    builder = CacheBuilder(cfg, 1, 4, tmp_path / "cache")
+    builder = CacheBuilder(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
     written = [x for _, _, x in builder._batches(0)]
-    build_cache(cfg, 1, 4, tmp_path / "cache")
+    build_cache(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
     trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "run", *MIX, "train.epochs=1",
                                   f"distill.teacher_cache={tmp_path / 'cache'}"))
     seen: list[torch.Tensor] = []

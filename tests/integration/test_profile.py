@@ -131,13 +131,14 @@ def test_slow_dataset_is_input_bound(tmp_path: Path) -> None:
 def test_flops_counted_on_meta_match_a_real_count(tmp_path: Path) -> None:
     from kd.config import load_config
     from kd.core.trainer import Trainer
-    from kd.tools.profiler import count_flops
+    from kd.tools.profiler import count_flops, training_batch_inputs
 
     cfg = load_config(TINY, [*LABELS_ONLY, f"output_dir={tmp_path}"])
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.student_core.parameters()]
-    meta = count_flops(trainer, "meta")
-    real = count_flops(trainer, trainer.device)
+    models = trainer.student_core, trainer.teacher, *training_batch_inputs(trainer)
+    meta = count_flops(*models, "meta")
+    real = count_flops(*models, trainer.device)
     # The CPU's fused attention kernel has no FLOP formula; on meta, attention runs as bmm
     # and is counted: 2 products × 2·5·5·16 FLOPs × 2 heads × 16 images (5 tokens, head dim 16).
     attention = 2 * 2 * 5 * 5 * 16 * 2 * 16

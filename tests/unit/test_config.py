@@ -393,7 +393,7 @@ def test_an_explicit_preset_is_never_switched() -> None:
     demo = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
     cfg, origins = load_command_config(demo, ["data.name=synthetic"])
     assert origins is None
-    assert cfg.student.kwargs.img_size == 16  # -c configs/demo.yaml: the demo, changed
+    assert cfg.student.kwargs["img_size"] == 16  # -c configs/demo.yaml: the demo, changed
 
 
 def test_a_validation_error_says_the_value_came_from_the_schema_defaults() -> None:
