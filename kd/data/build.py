@@ -44,43 +44,42 @@ def build_dataset(name: str, split: str, *, root: str | None, image_size: int, n
     """
     source = {"shards": train_shards if split == "train" else val_shards,
               "image_key": hf_image_key, "label_key": hf_label_key}
-    dataset = _build(name, split, root=root, image_size=image_size, num_classes=num_classes,
-                     augment=augment, channels=channels, synthetic_size=synthetic_size,
-                     transform_kwargs=transform_kwargs, source=source)
-    dataset.on_error = on_error
-    return dataset
+    return _build(name, split, root=root, image_size=image_size, num_classes=num_classes,
+                  augment=augment, channels=channels, synthetic_size=synthetic_size,
+                  on_error=on_error, transform_kwargs=transform_kwargs, source=source)
 
 
 def _build(name: str, split: str, *, root: str | None, image_size: int, num_classes: int,
-           augment: bool, channels: int, synthetic_size: int,
+           augment: bool, channels: int, synthetic_size: int, on_error: str,
            transform_kwargs: dict[str, Any] | None, source: dict[str, Any]) -> KeyedDataset:
     if name == "digits":
         if num_classes != DigitsDataset.num_classes:
             raise DataError(f"data.num_classes={num_classes} but digits has 10 classes; "
                             f"set data.num_classes=10")
-        return DigitsDataset(split, image_size, augment and split == "train")
+        return DigitsDataset(split, image_size, augment and split == "train", on_error=on_error)
     if name == "synthetic":
         size = synthetic_size if split == "train" else max(synthetic_size // 4, num_classes)
         return SyntheticDataset(size, num_classes, image_size, channels,
-                                offset=0 if split == "train" else 10_000_019)
+                                offset=0 if split == "train" else 10_000_019, on_error=on_error)
     if name == "imagefolder":
         if root is None or not Path(root).is_dir():
             raise DataError(f"data.root: folder not found: {root} (point it at a folder with "
                             f"train/ and val/ class sub-folders)")
         return ImageFolderDataset(root, split, image_size, augment, num_classes,
-                                  transform_kwargs)
+                                  transform_kwargs, on_error=on_error)
     train = augment and split == "train"
     if name == "wds":
         return build_wds_dataset(split, root=root, shards=source["shards"], image_size=image_size,
                                  train=train, num_classes=num_classes,
-                                 transform_kwargs=transform_kwargs)
+                                 transform_kwargs=transform_kwargs, on_error=on_error)
     if name == "hf":
         if root is None or not Path(root).is_dir():
             raise DataError(f"data.root: folder not found: {root} (point it at a dataset "
                             f"saved with save_to_disk)")
         return HFDiskDataset(root, split, image_size=image_size, train=train,
                              num_classes=num_classes, image_key=source["image_key"],
-                             label_key=source["label_key"], transform_kwargs=transform_kwargs)
+                             label_key=source["label_key"], transform_kwargs=transform_kwargs,
+                             on_error=on_error)
     raise DataError(f"data.name: unknown dataset '{name}'")
 
 
@@ -91,13 +90,11 @@ def build_split(cfg: DataConfig, split: str, channels: int, seed: int = 0) -> Ke
     :mod:`kd.data.stream`); an indexed split's order is the sampler's business.
     """
     if cfg.stream and split == "train":
-        dataset = build_stream_dataset(
+        return build_stream_dataset(
             root=cfg.root, shards=cfg.train_shards, image_size=cfg.image_size,
             train=cfg.augment, num_classes=cfg.num_classes, seed=seed,
             buffer_size=cfg.shuffle_buffer, num_samples=cfg.train_samples,
-            transform_kwargs=train_transform_kwargs(cfg))
-        dataset.on_error = cfg.on_error
-        return dataset
+            transform_kwargs=train_transform_kwargs(cfg), on_error=cfg.on_error)
     dataset = build_dataset(cfg.name, split, root=cfg.root, image_size=cfg.image_size,
                             num_classes=cfg.num_classes, augment=cfg.augment, channels=channels,
                             synthetic_size=cfg.synthetic_size, on_error=cfg.on_error,

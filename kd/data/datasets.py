@@ -37,11 +37,11 @@ class KeyedDataset(Dataset):
     Subclasses implement :meth:`get` (and :meth:`describe` for file-backed samples). An
     unreadable sample is replaced by the next readable one of the split (``on_error="skip"``)
     and reported in ``bad`` (descriptions of the samples skipped), or stops the run with the
-    file's name (``on_error="fail"``).
+    file's name (``on_error="fail"``). Each subclass takes ``on_error`` in its constructor.
     """
 
     channels: int
-    on_error: str = "skip"
+    on_error: str
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
@@ -128,7 +128,8 @@ class DigitsDataset(KeyedDataset):
     num_classes = 10
     n_val = 597
 
-    def __init__(self, split: str, image_size: int, augment: bool) -> None:
+    def __init__(self, split: str, image_size: int, augment: bool, *,
+                 on_error: str = "skip") -> None:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -142,6 +143,7 @@ class DigitsDataset(KeyedDataset):
                                     align_corners=False).clamp_(0, 1)
         self.labels = y[idx]
         self.augment = augment
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -165,9 +167,10 @@ class SyntheticDataset(KeyedDataset):
     """
 
     def __init__(self, size: int, num_classes: int, image_size: int, channels: int,
-                 offset: int = 0) -> None:
+                 offset: int = 0, *, on_error: str = "skip") -> None:
         self.size, self.num_classes = size, num_classes
         self.channels, self.offset = channels, offset
+        self.on_error = on_error
         g = torch.Generator().manual_seed(1234)
         self.patterns = torch.rand(num_classes, channels, image_size, image_size, generator=g)
 
@@ -194,7 +197,8 @@ class ImageFolderDataset(KeyedDataset):
     channels = 3
 
     def __init__(self, root: str, split: str, image_size: int, augment: bool,
-                 num_classes: int, transform_kwargs: dict[str, Any] | None = None) -> None:
+                 num_classes: int, transform_kwargs: dict[str, Any] | None = None, *,
+                 on_error: str = "skip") -> None:
         from timm.data import ImageDataset
 
         folder = Path(root) / split
@@ -210,6 +214,7 @@ class ImageFolderDataset(KeyedDataset):
         except Exception as e:  # timm raises a bare RuntimeError for an empty folder
             raise DataError(f"data.root: cannot read images in {folder}: {e}") from None
         self.transform = transform
+        self.on_error = on_error
         classes = getattr(self.reader, "class_to_idx", {})
         if len(self.reader) == 0:
             raise DataError(f"data.root: no images found under {folder}")

@@ -59,6 +59,8 @@ class HFDiskDataset(KeyedDataset):
         label_key: the label column.
         labels: False for an unlabelled dataset: no label column needed, every label is -1.
         transform_kwargs: timm ``create_transform`` arguments for training.
+        on_error: what an unreadable sample does, ``skip`` or ``fail`` (see
+            :class:`~kd.data.datasets.KeyedDataset`).
 
     Example:
         >>> ds = HFDiskDataset("/data/beans", "train", image_size=224, train=True,
@@ -70,7 +72,8 @@ class HFDiskDataset(KeyedDataset):
 
     def __init__(self, root: str, split: str, *, image_size: int, train: bool, num_classes: int,
                  image_key: str = "image", label_key: str = "label", labels: bool = True,
-                 transform_kwargs: dict[str, Any] | None = None) -> None:
+                 transform_kwargs: dict[str, Any] | None = None,
+                 on_error: str = "skip") -> None:
         datasets = _import_datasets()
         candidates = SPLIT_FOLDERS.get(split, (split,))
         folder = next((Path(root) / c for c in candidates if (Path(root) / c).is_dir()), None)
@@ -88,6 +91,7 @@ class HFDiskDataset(KeyedDataset):
             raise DataError(f"data.root: {folder} holds a {type(data).__name__}, not one split")
         self.folder, self.image_key, self.label_key = str(folder), image_key, label_key
         self.labelled = labels
+        self.on_error = on_error
         columns = [image_key, label_key] if labels else [image_key]
         for key, column in zip(("data.hf_image_key", "data.hf_label_key"), columns):
             if column not in data.column_names:

@@ -287,7 +287,7 @@ class WdsStreamDataset(KeyedDataset):
     def __init__(self, shards: list[Path], *, image_size: int, train: bool, num_classes: int,
                  seed: int, buffer_size: int, num_samples: int | None = None,
                  labels: bool = True, transform_kwargs: dict[str, Any] | None = None,
-                 pattern: str = "") -> None:
+                 pattern: str = "", on_error: str = "skip") -> None:
         if not shards:
             raise DataError(f"no wds shards given ({pattern or 'an empty list'})")
         for s in shards:
@@ -298,7 +298,7 @@ class WdsStreamDataset(KeyedDataset):
             raise DataError(f"no samples in the wds shards of '{pattern or self.shards[0]}': "
                             f"a sample needs an image member ({', '.join(IMAGE_EXTS)})")
         self.seed, self.buffer_size, self.labels = seed, buffer_size, labels
-        self.num_classes = num_classes
+        self.num_classes, self.on_error = num_classes, on_error
         self.transform = build_image_transform(image_size, train, transform_kwargs)
         self._streams: dict[tuple[int, int, int], ReaderStream] = {}
         log.info("wds: streaming %d samples from %d shards, shuffle buffer %d (%s)",
@@ -404,9 +404,11 @@ class StreamBatchSampler(Sampler[list[StreamKey]]):
 def build_stream_dataset(*, root: str | None, shards: str | None, image_size: int, train: bool,
                          num_classes: int, seed: int, buffer_size: int,
                          num_samples: int | None, labels: bool = True,
-                         transform_kwargs: dict[str, Any] | None = None) -> WdsStreamDataset:
+                         transform_kwargs: dict[str, Any] | None = None,
+                         on_error: str = "skip") -> WdsStreamDataset:
     """The streamed training split (``shards``: its pattern; None: found in ``root``)."""
     paths, where = find_shards("train", root, shards)
     return WdsStreamDataset(paths, image_size=image_size, train=train, num_classes=num_classes,
                             seed=seed, buffer_size=buffer_size, num_samples=num_samples,
-                            labels=labels, transform_kwargs=transform_kwargs, pattern=where)
+                            labels=labels, transform_kwargs=transform_kwargs, pattern=where,
+                            on_error=on_error)

@@ -53,8 +53,9 @@ class UnlabelledFolder(KeyedDataset):
     channels = 3
 
     def __init__(self, root: str | Path, image_size: int, train: bool,
-                 transform_kwargs: dict[str, Any] | None = None) -> None:
-        self.root = Path(root)
+                 transform_kwargs: dict[str, Any] | None = None, *,
+                 on_error: str = "skip") -> None:
+        self.root, self.on_error = Path(root), on_error
         self.files = sorted(str(p) for p in self.root.rglob("*")
                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
@@ -77,10 +78,14 @@ class UnlabelledFolder(KeyedDataset):
 
 
 class WithoutLabels(KeyedDataset):
-    """A dataset's samples with their labels dropped (label -1)."""
+    """A dataset's samples with their labels dropped (label -1).
 
-    def __init__(self, base: KeyedDataset) -> None:
-        self.base, self.channels, self.on_error = base, base.channels, base.on_error
+    ``on_error``: what an unreadable sample does (None: as ``base`` does).
+    """
+
+    def __init__(self, base: KeyedDataset, *, on_error: str | None = None) -> None:
+        self.base, self.channels = base, base.channels
+        self.on_error = base.on_error if on_error is None else on_error
 
     def __len__(self) -> int:
         return len(self.base)
@@ -143,7 +148,8 @@ def build_transfer_set(cfg: DataConfig, labelled: KeyedDataset) -> KeyedDataset:
                               "were dropped: set data.labels_per_class too")
         rest = np.setdiff1d(np.arange(len(labelled.base)), labelled.indices)
         # Unreadable labels (wds) do not make a sample unreadable here: it has no label anyway.
-        transfer: KeyedDataset = WithoutLabels(SubsetDataset(labelled.base, rest))
+        transfer: KeyedDataset = WithoutLabels(SubsetDataset(labelled.base, rest),
+                                               on_error=cfg.on_error)
         if len(transfer) == 0:
             raise DataError("data.transfer_set=rest: data.labels_per_class keeps every "
                             "training image, so no image is left for the transfer set")
@@ -151,14 +157,14 @@ def build_transfer_set(cfg: DataConfig, labelled: KeyedDataset) -> KeyedDataset:
         transfer = build_wds_dataset("train", root=None, shards=setting,
                                      image_size=cfg.image_size, train=cfg.augment,
                                      num_classes=cfg.num_classes, labels=False,
-                                     transform_kwargs=train_transform_kwargs(cfg))
+                                     transform_kwargs=train_transform_kwargs(cfg),
+                                     on_error=cfg.on_error)
     elif Path(setting).is_dir():
         transfer = UnlabelledFolder(setting, cfg.image_size, cfg.augment,
-                                    train_transform_kwargs(cfg))
+                                    train_transform_kwargs(cfg), on_error=cfg.on_error)
     else:
         raise DataError(f"data.transfer_set: {setting} is neither none, rest, a folder of "
                         f"images nor WebDataset shards")
-    transfer.on_error = cfg.on_error
     log.info("data.transfer_set=%s: %d unlabelled images beside %d labelled ones (an epoch "
              "is one pass over both)", setting, len(transfer), len(labelled))
     return LabelledAndTransfer(labelled, transfer)

@@ -233,6 +233,8 @@ class WdsDataset(KeyedDataset):
         labels: False for an unlabelled dataset: no label members needed, every label is -1.
         transform_kwargs: timm ``create_transform`` arguments for training.
         pattern: where the shards came from, for messages.
+        on_error: what an unreadable sample does, ``skip`` or ``fail`` (see
+            :class:`~kd.data.datasets.KeyedDataset`).
 
     Example:
         >>> ds = WdsDataset(expand_shards("/data/train-{0000..0127}.tar"), image_size=224,
@@ -244,10 +246,11 @@ class WdsDataset(KeyedDataset):
 
     def __init__(self, shards: list[Path], *, image_size: int, train: bool, num_classes: int,
                  labels: bool = True, transform_kwargs: dict[str, Any] | None = None,
-                 pattern: str = "") -> None:
+                 pattern: str = "", on_error: str = "skip") -> None:
         if not shards:
             raise DataError(f"no wds shards given ({pattern or 'an empty list'})")
         start = time.perf_counter()
+        self.on_error = on_error
         self.shards = [str(s) for s in shards]
         names, shard_ids, offsets, sizes, label_list = [], [], [], [], []
         self.label_errors: dict[int, str] = {}
@@ -338,8 +341,10 @@ class WdsDataset(KeyedDataset):
 
 def build_wds_dataset(split: str, *, root: str | None, shards: str | None, image_size: int,
                       train: bool, num_classes: int, labels: bool = True,
-                      transform_kwargs: dict[str, Any] | None = None) -> WdsDataset:
+                      transform_kwargs: dict[str, Any] | None = None,
+                      on_error: str = "skip") -> WdsDataset:
     """One split of a WebDataset: ``shards`` is the split's pattern (or None: use ``root``)."""
     paths, where = find_shards(split, root, shards)
     return WdsDataset(paths, image_size=image_size, train=train, num_classes=num_classes,
-                      labels=labels, transform_kwargs=transform_kwargs, pattern=where)
+                      labels=labels, transform_kwargs=transform_kwargs, pattern=where,
+                      on_error=on_error)

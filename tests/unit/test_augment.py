@@ -113,28 +113,28 @@ def break_transform(ds: Any) -> None:
     ds.transform.transforms.insert(1, Boom())
 
 
-def imagefolder_kind(root: Path) -> tuple[Any, Any]:
+def imagefolder_kind(root: Path, on_error: str = "skip") -> tuple[Any, Any]:
     make_tree(root, {"train": 2}, classes=("a", "b"))
     ds = build_dataset("imagefolder", "train", root=str(root), image_size=16, num_classes=2,
-                       augment=True, channels=3, synthetic_size=0)
+                       augment=True, channels=3, synthetic_size=0, on_error=on_error)
     return ds, lambda: ds[(0, 1)]
 
 
-def wds_kind(root: Path) -> tuple[Any, Any]:
+def wds_kind(root: Path, on_error: str = "skip") -> tuple[Any, Any]:
     write_shard(root / "train-000000.tar", "s0", 3, np.random.default_rng(0))
     ds = build_dataset("wds", "train", root=str(root), image_size=16, num_classes=3,
-                       augment=True, channels=3, synthetic_size=0)
+                       augment=True, channels=3, synthetic_size=0, on_error=on_error)
     return ds, lambda: ds[(0, 1)]
 
 
-def stream_kind(root: Path) -> tuple[Any, Any]:
+def stream_kind(root: Path, on_error: str = "skip") -> tuple[Any, Any]:
     write_shard(root / "train-000000.tar", "s0", 3, np.random.default_rng(0))
     ds = WdsStreamDataset([root / "train-000000.tar"], image_size=16, train=True,
-                          num_classes=3, seed=0, buffer_size=2)
+                          num_classes=3, seed=0, buffer_size=2, on_error=on_error)
     return ds, lambda: ds.__getitems__([(0, 1, 0, 0)])
 
 
-def hf_kind(root: Path) -> tuple[Any, Any]:
+def hf_kind(root: Path, on_error: str = "skip") -> tuple[Any, Any]:
     datasets = pytest.importorskip("datasets")
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=["a", "b"])})
@@ -142,13 +142,13 @@ def hf_kind(root: Path) -> tuple[Any, Any]:
                                        features=features)
     datasets.DatasetDict({"train": split}).save_to_disk(str(root))
     ds = build_dataset("hf", "train", root=str(root), image_size=16, num_classes=2,
-                       augment=True, channels=3, synthetic_size=0)
+                       augment=True, channels=3, synthetic_size=0, on_error=on_error)
     return ds, lambda: ds[(0, 1)]
 
 
-def transfer_kind(root: Path) -> tuple[Any, Any]:
+def transfer_kind(root: Path, on_error: str = "skip") -> tuple[Any, Any]:
     photo().save(root / "unlabelled.jpg")
-    ds = UnlabelledFolder(root, image_size=16, train=True)
+    ds = UnlabelledFolder(root, image_size=16, train=True, on_error=on_error)
     return ds, lambda: ds[(0, 1)]
 
 
@@ -157,8 +157,7 @@ def transfer_kind(root: Path) -> tuple[Any, Any]:
 @pytest.mark.parametrize("on_error", ["skip", "fail"])
 def test_a_failing_augmentation_stops_the_run_naming_sample_and_step(
         kind: Any, on_error: str, tmp_path: Path) -> None:
-    ds, read = kind(tmp_path)
-    ds.on_error = on_error
+    ds, read = kind(tmp_path, on_error)
     read()  # reads and augments
     break_transform(ds)
     with pytest.raises(AugmentationError) as info:

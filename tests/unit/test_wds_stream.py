@@ -50,10 +50,8 @@ def make_shards(root: Path, sizes: list[int], corrupt: str | None = None) -> lis
 
 def dataset(paths: list[Path], buffer: int = 4, seed: int = 0, on_error: str = "skip",
             augment: bool = False, **kwargs) -> WdsStreamDataset:
-    ds = WdsStreamDataset(paths, image_size=8, train=augment, num_classes=3, seed=seed,
-                          buffer_size=buffer, **kwargs)
-    ds.on_error = on_error
-    return ds
+    return WdsStreamDataset(paths, image_size=8, train=augment, num_classes=3, seed=seed,
+                            buffer_size=buffer, on_error=on_error, **kwargs)
 
 
 def ids(images: torch.Tensor) -> list[tuple[int, int]]:
