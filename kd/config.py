@@ -75,7 +75,10 @@ class StudentConfig:
 @dataclass
 class TeacherConfig:
     name: str = _field("vit_small_patch16_224", "Any timm model name.")
-    kwargs: dict[str, Any] = _field({}, "Keyword arguments for `timm.create_model`.")
+    kwargs: dict[str, Any] = _field(
+        {}, "Keyword arguments for `timm.create_model`; `num_classes: 0` builds a headless "
+        "teacher (a backbone without a classifier: it teaches through `distill.features`, with "
+        "`distill.loss=none`; a checkpoint's classifier is left out).")
     checkpoint: str | None = _field(
         None,
         "Teacher weights: a local `.safetensors` or `.pt`/`.pth` state dict (loaded with "
@@ -185,6 +188,19 @@ class DataConfig:
 
 
 @dataclass
+class FeaturePairConfig:
+    """One pair of ``distill.features``: a student layer taught by a teacher layer."""
+
+    student: int | str = _field(-1, "Student layer: a block index of timm's "
+                                "`forward_intermediates` (negative counts from the end), or a "
+                                "module path such as `blocks.3.mlp`.")
+    teacher: int | str = _field(-1, "Teacher layer, as `student`.")
+    loss: str = _field("cosine", "`cosine`, `mse` or `smooth_l1`.")
+    weight: float = _field(1.0, "Weight of this term in the total loss.")
+    tokens: str = _field("all", "`all`, `prefix`, `patch` or `pooled` (see the README).")
+
+
+@dataclass
 class DistillConfig:
     loss: str = _field(
         "soft",
@@ -219,6 +235,17 @@ class DistillConfig:
     cache_cycle: bool = _field(
         False, "With `distill.teacher_cache`: training longer than the cached epochs replays "
         "them in turn (epoch e uses cached epoch e mod E); false: an error.")
+    features: list[FeaturePairConfig] = _field(
+        [], "Representation distillation: a list of pairs `{student: LAYER, teacher: LAYER, "
+        "loss: cosine, weight: 1.0, tokens: all}` (loss: `cosine`, `mse` or `smooth_l1`; tokens: "
+        "`all`, `prefix`, `patch` or `pooled`), each adding `weight * loss` to the total (logged "
+        "as `loss_feat_<i>`). LAYER: a block index of timm's `forward_intermediates` (negative "
+        "from the end) or a module path (`blocks.3.mlp`). Token grids that differ are aligned "
+        "(see the README's feature distillation section).")
+    projector: str = _field(
+        "linear", "Maps each student feature to its teacher's width, trained with the student "
+        "and saved in checkpoints (not exported): `linear`, `mlp` (linear, GELU, linear) or "
+        "`none` (widths must match).")
 
 
 @dataclass
@@ -317,6 +344,8 @@ class KDConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+FEATURE_LOSSES = ("cosine", "mse", "smooth_l1")
+FEATURE_TOKENS = ("all", "prefix", "patch", "pooled")
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
@@ -326,6 +355,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.mixup_mode": ("batch", "pair", "elem"),
     "distill.loss": ("none", "soft", "hard", "token", "dkd"),
     "distill.token_loss": ("soft", "hard"),
+    "distill.projector": ("linear", "mlp", "none"),
     "sched.name": ("cosine", "tanh", "poly", "none"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -641,8 +671,10 @@ def _check_signs(section: str, values: Any, positive: Sequence[str] = (),
 
 def _check_model(section: str, model: StudentConfig | TeacherConfig) -> None:
     """What the student and teacher sections share: kwargs and input statistics."""
-    _check("num_classes" not in model.kwargs, f"{section}.kwargs.num_classes",
-           model.kwargs.get("num_classes"), "set data.num_classes instead")
+    headless_ok = section == "teacher" and model.kwargs.get("num_classes") == 0
+    _check("num_classes" not in model.kwargs or headless_ok, f"{section}.kwargs.num_classes",
+           model.kwargs.get("num_classes"), "set data.num_classes instead" + (
+               "; 0 builds a headless teacher" if section == "teacher" else ""))
     for stat in ("mean", "std"):
         value = getattr(model, stat)
         _check(value is None or len(value) > 0, f"{section}.{stat}", value,
@@ -708,7 +740,20 @@ def _validate_distill(d: DistillConfig) -> None:
         0.0 <= d.require_teacher_top1 <= 1.0 and d.check_teacher),
         "distill.require_teacher_top1", d.require_teacher_top1,
         "a fraction in [0, 1] measured with distill.check_teacher=true, or null")
+    for i, pair in enumerate(d.features):
+        key = f"distill.features[{i}]"
+        _check(pair.loss in FEATURE_LOSSES, f"{key}.loss", pair.loss,
+               "choose one of: " + ", ".join(FEATURE_LOSSES))
+        _check(pair.tokens in FEATURE_TOKENS, f"{key}.tokens", pair.tokens,
+               "choose one of: " + ", ".join(FEATURE_TOKENS))
+        _check(pair.weight >= 0, f"{key}.weight", pair.weight, "must be >= 0")
+        for side in ("student", "teacher"):
+            layer = getattr(pair, side)
+            _check(isinstance(layer, int) or bool(layer.strip()), f"{key}.{side}", layer,
+                   "a block index or a module path such as blocks.3")
     if d.teacher_cache:
+        _check(not d.features, "distill.features", d.features,
+               "distill.teacher_cache holds the teacher's logits, not its features: unset one")
         _check(d.loss != "none", "distill.loss", d.loss,
                "distill.teacher_cache holds teacher outputs: choose soft, hard, token or dkd, "
                "or unset distill.teacher_cache")
@@ -754,6 +799,11 @@ SECTION_CHECKS: dict[str, Callable[[Any], None]] = {
 }
 
 
+def is_headless(teacher: TeacherConfig) -> bool:
+    """Whether the teacher is built without a classifier (``teacher.kwargs.num_classes: 0``)."""
+    return teacher.kwargs.get("num_classes") == 0
+
+
 def check_combinations(cfg: KDConfig) -> None:
     """The checks that span sections (each section is valid on its own by then)."""
     if cfg.dist.strategy == "deepspeed":
@@ -761,10 +811,19 @@ def check_combinations(cfg: KDConfig) -> None:
                "PyTorch's ZeRO; with dist.strategy=deepspeed set dist.zero_stage instead")
         _check(cfg.train.precision != "fp16", "train.precision", cfg.train.precision,
                "dist.strategy=deepspeed runs kd's bf16 or fp32 autocast")
+    if is_headless(cfg.teacher):
+        _check(cfg.distill.loss == "none", "distill.loss", cfg.distill.loss,
+               "a headless teacher (teacher.kwargs.num_classes=0) has no logits: use "
+               "distill.loss=none with distill.features")
+        _check(bool(cfg.distill.features), "distill.features", cfg.distill.features,
+               "a headless teacher (teacher.kwargs.num_classes=0) teaches through feature "
+               "pairs only: name at least one")
     if cfg.data.transfer_set != "none":
-        _check(cfg.distill.loss in ("soft", "hard", "token"), "distill.loss", cfg.distill.loss,
-               "data.transfer_set needs soft, hard or token: unlabelled images have no label "
-               "for the task term (none) or for DKD's target class (dkd)")
+        _check(cfg.distill.loss in ("soft", "hard", "token") or (
+            cfg.distill.loss == "none" and bool(cfg.distill.features)), "distill.loss",
+            cfg.distill.loss, "data.transfer_set needs soft, hard or token, or distill.features "
+            "with none: unlabelled images have no label for the task term (none) or for DKD's "
+            "target class (dkd)")
     if cfg.distill.teacher_cache:
         _check(not cfg.data.stream, "data.stream", cfg.data.stream,
                "distill.teacher_cache looks its rows up by sample index; set data.stream=false")

@@ -102,13 +102,15 @@ class ConsoleSink:
             self._print(msg)
             return
         loss, task, kd = (_num(record.get(k)) for k in ("loss", "loss_task", "loss_kd"))
+        features = "".join(f", {k.removeprefix('loss_')} {_num(v)}" for k, v in record.items()
+                           if k.startswith("loss_feat_"))
         skipped = record.get("n_skipped_steps") or 0
         if self.bar is not None:
             self.bar.set_postfix(loss=loss, img_s=f"{record['img_per_s']:.0f}", refresh=False)
             self.bar.update(record["step"] - self.bar.n)
         else:
             self._print(f"step {record['step']}/{self.total} | epoch {record['epoch']} | "
-                        f"loss {loss} (task {task}, kd {kd}) | lr {record['lr']:.2e} | "
+                        f"loss {loss} (task {task}, kd {kd}{features}) | lr {record['lr']:.2e} | "
                         f"{record['img_per_s']:.1f} img/s | eta {_eta(record.get('eta_s'))}"
                         + (f" | skipped steps {skipped}" if skipped else ""))
         if self.log_phases:

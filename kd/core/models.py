@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.config import StudentConfig, TeacherConfig
+from kd.core.features import LayerTap, WithFeatures
 from kd.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("kd")
@@ -363,6 +364,8 @@ def load_weights(model: nn.Module, path: str, section: str, num_classes: int,
     own = model.state_dict()
     state = load_state_dict(path, f"{section}.checkpoint", key=key, prefix=prefix,
                             expected=list(own))
+    if num_classes == 0:
+        state = drop_classifier(model, state, path, section)
     head = getattr(model, "get_classifier", lambda: None)()
     heads = head if isinstance(head, tuple) else (head,)  # DeiT: (head, head_dist)
     head_keys = {f"{n}.weight" for n, m in model.named_modules() if any(m is h for h in heads)}
@@ -376,6 +379,21 @@ def load_weights(model: nn.Module, path: str, section: str, num_classes: int,
         raise CheckpointError(f"{section}.checkpoint {path} does not fit {section}.name/"
                               f"{section}.kwargs: {mismatch}")
     model.load_state_dict(state, strict=True)
+
+
+def drop_classifier(model: nn.Module, state: dict[str, torch.Tensor], path: str,
+                    section: str) -> dict[str, torch.Tensor]:
+    """A checkpoint with a classifier, for a model built without one (``num_classes: 0``):
+    the classifier's weights (timm's ``pretrained_cfg["classifier"]``) are left out, logged."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    own = model.state_dict()
+    dropped = sorted(k for k in state if k not in own
+                     and any(k.startswith(f"{n}.") for n in names))
+    if dropped:
+        log.info("%s.checkpoint %s: classifier %s left out (%s.kwargs.num_classes=0 builds the "
+                 "model headless)", section, path, ", ".join(dropped), section)
+    return {k: v for k, v in state.items() if k not in dropped}
 
 
 def describe_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
@@ -418,6 +436,11 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     @property
+    def headless(self) -> bool:
+        """Built without a classifier (``teacher.kwargs.num_classes: 0``): no logits."""
+        return num_outputs(self.model) == 0
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype of the teacher's weights (see :meth:`cast`)."""
         return next(self.model.parameters()).dtype
@@ -439,6 +462,14 @@ class FrozenTeacher(nn.Module):
         out = self.model(x.to(self.dtype))
         return out[0] if isinstance(out, tuple) else out
 
+    @torch.inference_mode()
+    def with_features(self, x: torch.Tensor, tap: LayerTap) -> WithFeatures:
+        """Logits (None when headless) and the tokens of ``tap``'s layers, from one forward.
+        Like the logits, the tokens are inference tensors (see :meth:`forward`)."""
+        out, tokens = tap(x.to(self.dtype))
+        logits = None if self.headless else out[0] if isinstance(out, tuple) else out
+        return WithFeatures(logits, tokens)
+
 
 def build_teacher(cfg: TeacherConfig, num_classes: int) -> FrozenTeacher | None:
     """The frozen teacher, or None when it has no weights configured.
@@ -446,15 +477,18 @@ def build_teacher(cfg: TeacherConfig, num_classes: int) -> FrozenTeacher | None:
     A teacher without a checkpoint and without pretrained weights would be random; kd refuses to
     distil from it (the trainer raises when the distillation loss needs one).
     """
+    kwargs = dict(cfg.kwargs)
+    headless = kwargs.get("num_classes") == 0  # a backbone: features only (distill.features)
     if cfg.checkpoint:
-        model = create_timm_model(cfg.name, "teacher", num_classes=num_classes,
-                                  **dict(cfg.kwargs))
-        load_weights(model, cfg.checkpoint, "teacher", num_classes, key=cfg.checkpoint_key,
+        classes = kwargs.pop("num_classes", num_classes)
+        model = create_timm_model(cfg.name, "teacher", num_classes=classes, **kwargs)
+        load_weights(model, cfg.checkpoint, "teacher", classes, key=cfg.checkpoint_key,
                      prefix=cfg.checkpoint_prefix)
     elif cfg.pretrained:
-        # No num_classes here: timm would silently replace a mismatched head with a random one.
-        model = create_timm_model(cfg.name, "teacher", pretrained=True, **dict(cfg.kwargs))
-        if num_outputs(model) != num_classes:
+        # No num_classes here (unless 0): timm would silently replace a mismatched head with a
+        # random one.
+        model = create_timm_model(cfg.name, "teacher", pretrained=True, **kwargs)
+        if not headless and num_outputs(model) != num_classes:
             raise ConfigError(f"teacher {cfg.name} predicts {num_outputs(model)} classes but "
                               f"data.num_classes={num_classes}; use teacher.checkpoint with a "
                               f"teacher fine-tuned on these classes")

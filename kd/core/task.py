@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from kd.config import DistillConfig
+from kd.core.features import FeatureDistiller, Tokens, WithFeatures
 from kd.core.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
 from kd.core.models import FrozenTeacher, InputNorm, is_distilled_vit, resize
 from kd.errors import ConfigError
@@ -55,13 +56,21 @@ class DistillationTask:
         teacher_image_size: the side the teacher sees, when it is not the student's.
         cached_teacher: the teacher's logits come from a cache (:mod:`kd.core.teacher_cache`):
             ``teacher`` is None and the caller passes the cached logits to :meth:`loss`.
+        features: the feature pairs (``distill.features``); ``student`` is then the
+            :class:`~kd.core.features.FeatureStudent` (possibly wrapped), whose forward returns
+            :class:`~kd.core.features.WithFeatures`.
     """
 
     def __init__(self, student: nn.Module, student_norm: InputNorm,
                  teacher: FrozenTeacher | None, cfg: DistillConfig, label_smoothing: float = 0.0,
                  student_core: nn.Module | None = None,
-                 teacher_image_size: int | None = None, cached_teacher: bool = False) -> None:
+                 teacher_image_size: int | None = None, cached_teacher: bool = False,
+                 features: FeatureDistiller | None = None) -> None:
         self.student, self.student_norm, self.teacher = student, student_norm, teacher
+        self.features = features
+        if features is not None and teacher is None:
+            raise ConfigError("distill.features needs a teacher: set teacher.checkpoint or "
+                              "teacher.pretrained=true")
         self.cfg, self.label_smoothing = cfg, label_smoothing
         self.teacher_image_size = teacher_image_size
         core = student_core if student_core is not None else student
@@ -81,7 +90,17 @@ class DistillationTask:
     @property
     def uses_teacher(self) -> bool:
         """Whether training runs the teacher (not for labels-only training)."""
-        return self.cfg.loss != "none"
+        return self.cfg.loss != "none" or self.features is not None
+
+    @property
+    def teacher_predicts(self) -> bool:
+        """Whether there is a teacher with a classifier to evaluate (not a headless one)."""
+        return self.teacher is not None and not self.teacher.headless
+
+    @property
+    def term_names(self) -> list[str]:
+        """The extra loss terms :meth:`loss` returns: one per feature pair."""
+        return self.features.names if self.features is not None else []
 
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalise a raw batch for the student and, when its statistics differ, the teacher.
@@ -99,14 +118,23 @@ class DistillationTask:
         return teacher_input(self.teacher, images, self.teacher_image_size,
                              x_student if self.share_input else None)
 
-    def teacher_forward(self, x_teacher: torch.Tensor | None) -> torch.Tensor | None:
-        """Teacher logits without autograd (None when training on labels only)."""
+    def teacher_forward(self, x_teacher: torch.Tensor | None) -> Any:
+        """Teacher logits without autograd (None when training on labels only); with feature
+        pairs, :class:`~kd.core.features.WithFeatures` (logits, None when headless, and the
+        teacher's tokens)."""
         if x_teacher is None or self.teacher is None:
             return None
-        return self.teacher(x_teacher)
+        if self.features is None:
+            return self.teacher(x_teacher)
+        logits, tokens = self.teacher.with_features(x_teacher, self.features.teacher_tap)
+        # Out of inference mode: a loss may save them for backward (cosine does).
+        return WithFeatures(logits, [Tokens(t.grid.clone(), None if t.prefix is None
+                                            else t.prefix.clone()) for t in tokens])
 
     def student_forward(self, x_student: torch.Tensor) -> Any:
-        """Student logits, or ``(class_logits, dist_logits)`` for a DeiT student with token KD."""
+        """Student logits, or ``(class_logits, dist_logits)`` for a DeiT student with token KD;
+        with feature pairs, :class:`~kd.core.features.WithFeatures` holding them and the
+        student's projected tokens."""
         return self.student(x_student)
 
     def loss(self, student_out: Any, teacher_logits: torch.Tensor | None,
@@ -119,6 +147,21 @@ class DistillationTask:
         alpha * kd) + (1 - share) * kd``, averaged over the batch; ``loss_task`` is the task
         term's mean over the labelled shares and ``loss_kd`` the kd term's weighted mean.
         """
+        feature_terms: dict[str, torch.Tensor] = {}
+        if self.features is not None:
+            student_out, student_tokens = student_out
+            teacher_logits, teacher_tokens = teacher_logits
+            feature_terms = self.features.terms(student_tokens, teacher_tokens)
+        terms = self._logit_loss(student_out, teacher_logits, targets, epoch, share)
+        if feature_terms:
+            assert self.features is not None
+            terms["loss"] = terms["loss"] + self.features.weighted_sum(feature_terms)
+            terms.update(feature_terms)
+        return terms
+
+    def _logit_loss(self, student_out: Any, teacher_logits: torch.Tensor | None,
+                    targets: torch.Tensor, epoch: float,
+                    share: torch.Tensor | None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         if isinstance(student_out, tuple):
             logits, kd_logits = student_out
@@ -147,6 +190,11 @@ class DistillationTask:
                        teacher_logits: torch.Tensor | None, targets: torch.Tensor,
                        share: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if cfg.loss == "none" and self.features is not None:  # unlabelled images: features only
+            share = share.float()
+            loss_task = soft_target_cross_entropy(logits, targets, self.label_smoothing, share)
+            return {"loss": share.mean() * loss_task, "loss_task": loss_task,
+                    "loss_kd": torch.zeros_like(loss_task)}
         if teacher_logits is None or cfg.loss not in ("soft", "hard", "token"):
             raise ConfigError(f"data.transfer_set needs distill.loss soft, hard or token "
                               f"(got {cfg.loss})")
@@ -175,7 +223,7 @@ class DistillationTask:
                         x_student: torch.Tensor | None = None) -> torch.Tensor | None:
         """Evaluation logits of the teacher alone (None without one); ``x_student``, when the
         caller has it, saves normalising the batch twice."""
-        if self.teacher is None:
+        if self.teacher is None or self.teacher.headless:
             return None
         if x_student is None:
             x_student = self.student_norm(images)

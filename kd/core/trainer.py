@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +28,7 @@ from kd.core import checkpoint as ckpt
 from kd.core.annotate import annotate
 from kd.core.dist import DistInfo, all_reduce_sum, barrier, single_process
 from kd.core.evaluation import eval_record, val_counts
+from kd.core.features import FeatureDistiller
 from kd.core.guard import (
     SkipTracker,
     StopRequest,
@@ -46,14 +47,14 @@ from kd.core.models import (
 from kd.core.optim import build_optimizer, build_scheduler
 from kd.core.precision import autocast, maybe_enable_tf32, resolve_precision
 from kd.core.strategy import build_strategy
-from kd.core.task import DistillationTask
+from kd.core.task import DistillationTask, teacher_input
 from kd.core.teacher_cache import TeacherCache, cache_fields, densify
 from kd.core.watchdog import report_step
 from kd.data.batch import BatchPreparer
 from kd.data.pipeline import Ranks, RunData
 from kd.data.stream import StreamBatchSampler
 from kd.data.subset import SubsetDataset, subset_record
-from kd.errors import Preempted, TeacherError, UserError, output_error
+from kd.errors import ConfigError, Preempted, TeacherError, UserError, output_error
 
 log = logging.getLogger("kd")
 
@@ -146,10 +147,11 @@ class LogInterval:
     outside training (saving, evaluating) out of the interval's seconds.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        # loss, loss_task, loss_kd, grad_norm summed over the steps that updated the weights,
-        # and their number.
-        self.sums = torch.zeros(len(SkipTracker.TERMS) + 1, device=device)
+    def __init__(self, device: torch.device, extra: Sequence[str] = ()) -> None:
+        # loss, loss_task, loss_kd, grad_norm and the ``extra`` terms (feature losses) summed
+        # over the steps that updated the weights, and their number.
+        self.names = [*SkipTracker.TERMS, *extra]
+        self.sums = torch.zeros(len(self.names) + 1, device=device)
         self.steps = 0
         self.start = time.perf_counter()
         self.train_s, self.steps_total = 0.0, 0  # over the whole run
@@ -157,10 +159,10 @@ class LogInterval:
     def add(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Count one step's ``terms`` (:meth:`Trainer.train_step`); returns them stacked in
         :attr:`SkipTracker.TERMS` order."""
-        values = torch.stack([terms[k] for k in SkipTracker.TERMS])
+        values = torch.stack([terms[k] for k in self.names])
         self.sums += torch.where(terms["skipped"], 0.0, torch.cat([values, values.new_ones(1)]))
         self.steps += 1
-        return values
+        return values[:len(SkipTracker.TERMS)]
 
     def close(self) -> Interval:
         elapsed = time.perf_counter() - self.start
@@ -232,13 +234,17 @@ class Trainer:
         self.student_core = student.to(self.device).train()
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self._speed_up_models()
+        # Feature pairs: the student's projectors train with it, in one module.
+        self.features = self._build_features() if cfg.distill.features else None
+        trainable = (self.features.student_module(self.student_core).to(self.device)
+                     if self.features is not None else self.student_core)
         # 4. Optimizer and schedule, then the strategy that wraps only the student (DDP, ZeRO or
         #    DeepSpeed); the teacher stays a frozen replica on every rank.
         ddp_zero_world = self.dist.world_size if cfg.dist.strategy == "ddp" else 1
-        optimizer = build_optimizer(self.student_core, cfg.optim, ddp_zero_world)
+        optimizer = build_optimizer(trainable, cfg.optim, ddp_zero_world)
         self.scheduler = build_scheduler(optimizer, cfg.sched, self.total_steps,
                                          self.steps_per_epoch)
-        self.strategy = build_strategy(self.student_core, optimizer, self.dist, cfg.dist,
+        self.strategy = build_strategy(trainable, optimizer, self.dist, cfg.dist,
                                        self.precision, grad_clip=cfg.optim.grad_clip,
                                        micro_batch=cfg.data.batch_size,
                                        grad_accum_steps=tc.grad_accum_steps)
@@ -251,7 +257,8 @@ class Trainer:
         self.task = DistillationTask(self.strategy.model, self.student_norm, self.teacher,
                                      cfg.distill, smoothing, student_core=self.student_core,
                                      teacher_image_size=cfg.teacher.image_size,
-                                     cached_teacher=self.cache is not None)
+                                     cached_teacher=self.cache is not None,
+                                     features=self.features)
         # 6. Checkpoints and resume.
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints",
@@ -333,6 +340,18 @@ class Trainer:
             log.info("train.compile: student%s compiled (mode %s); the first steps compile",
                      " and teacher" if self.teacher is not None else "", mode)
 
+    def _build_features(self) -> FeatureDistiller:
+        """The feature pairs, sized with one training image (an impossible pair fails here)."""
+        cfg = self.cfg
+        if self.teacher is None:
+            raise ConfigError("distill.features needs a teacher: set teacher.checkpoint or "
+                              "teacher.pretrained=true")
+        image = self.train_set[0][0][None].to(self.device)
+        return FeatureDistiller(cfg.distill.features, cfg.distill.projector, self.student_core,
+                                self.teacher.model, self.student_norm(image),
+                                teacher_input(self.teacher, image, cfg.teacher.image_size),
+                                (cfg.student.name, cfg.teacher.name))
+
     def _restore_stream_slots(self, saved: int | None) -> None:
         """A streamed split resumes exactly only with the readers that began its epoch."""
         sampler = self.train_loader.batch_sampler
@@ -374,6 +393,7 @@ class Trainer:
         if mismatch:
             raise UserError(f"checkpoint {path} does not fit student.name/student.kwargs: "
                             f"{mismatch}")
+        self._load_projectors(state, path)
         try:
             self.student_core.load_state_dict(student_state)
             self.strategy.load_state_dict(state, path)
@@ -421,7 +441,7 @@ class Trainer:
             self._write_run_files()
         metrics = build_metrics(self.output_dir, self.dist.is_main, until, self.step,
                                 log_phases=cfg.train.log_phases)
-        log_steps = LogInterval(self.device)
+        log_steps = LogInterval(self.device, self.task.term_names)
         stop = StopRequest(self.dist.is_distributed, cfg.dist.timeout_s, device=self.device)
         if self.dist.is_main and (ignored := ignored_shutdown_timeout()):
             log.warning(ignored)
@@ -587,19 +607,22 @@ class Trainer:
         times = self.timer.flush()
         sums, steps, elapsed = interval
         # Means over the steps that updated the weights (NaN, logged as null, if none did).
-        means = torch.where(sums[4] > 0, sums[:4] / sums[4].clamp(min=1), float("nan"))
+        means = torch.where(sums[-1] > 0, sums[:-1] / sums[-1].clamp(min=1), float("nan"))
         values = torch.cat([means, torch.tensor([times[p] / steps for p in PHASES],
                                                 device=sums.device)])
         values = all_reduce_sum(values) / self.dist.world_size  # mean over ranks
         v = [x if math.isfinite(x) else None for x in values.tolist()]
+        extra = self.task.term_names
         img_per_s = steps * self.global_batch / elapsed if elapsed > 0 else 0.0
         record: dict[str, Any] = {
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
             "loss": v[0], "loss_task": v[1], "loss_kd": v[2],
+            **{name: v[4 + i] for i, name in enumerate(extra)},
             "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
         }
         record["grad_norm"] = v[3]
-        record.update({PHASE_KEYS[p]: v[4 + i] for i, p in enumerate(PHASES)})
+        phases = 4 + len(extra)
+        record.update({PHASE_KEYS[p]: v[phases + i] for i, p in enumerate(PHASES)})
         record["eta_s"] = (until - self.step) * elapsed / steps
         record["n_bad_samples"] = self.total_bad_samples()
         record["n_skipped_steps"] = n_skipped
@@ -612,7 +635,7 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """Student top-1/top-5, teacher top-1 and student–teacher top-1 agreement on val."""
-        record = eval_record(self._val_counts(), self.step, epoch, self.teacher is not None)
+        record = eval_record(self._val_counts(), self.step, epoch, self.task.teacher_predicts)
         self._last_eval = record
         return record
 
@@ -634,7 +657,9 @@ class Trainer:
             return None
         if self.teacher is None:  # labels only: nothing to check, nothing to say
             return None
-        skip = ("distill.check_teacher=false" if not distill.check_teacher else
+        skip = ("the teacher is headless (teacher.kwargs.num_classes=0): it has no classes "
+                "to check" if self.teacher.headless else
+                "distill.check_teacher=false" if not distill.check_teacher else
                 "the teacher does not run in training (distill.loss=none)"
                 if not self.task.uses_teacher else
                 f"resuming at step {self.step}" if self.step > 0 else None)
@@ -684,12 +709,34 @@ class Trainer:
         if self.dist.is_main:
             self.checkpoints.mark_best(self.step, "student_top1", top1)
 
+    def _projector_state(self) -> dict[str, Any]:
+        """The feature pairs' projectors, saved beside the student (``student.safetensors``
+        stays the student alone, as ``kd export`` exports it)."""
+        if self.features is None:
+            return {}
+        return {"projectors": {k: v.detach().cpu() for k, v in
+                               self.features.projectors.state_dict().items()}}
+
+    def _load_projectors(self, state: dict[str, Any], path: Path) -> None:
+        saved = state.get("projectors")
+        if (saved is None) != (self.features is None):
+            how = "without" if saved is None else "with"
+            raise UserError(f"checkpoint {path} was written {how} distill.features: resume it "
+                            f"with the distill.features that wrote it")
+        if self.features is not None:
+            mismatch = describe_mismatch(self.features.projectors.state_dict(), saved)
+            if mismatch:
+                raise UserError(f"checkpoint {path} does not fit distill.features/"
+                                f"distill.projector: {mismatch}")
+            self.features.projectors.load_state_dict(saved)
+
     def save_checkpoint(self) -> Path | None:
         """Every rank takes part (RNG states are gathered); rank 0 writes."""
         state = {"step": self.step, "global_batch": self.global_batch,
                  "sharded": self.strategy.sharded_checkpoint, "rng": [_rng_state()],
                  "stream_slots": getattr(self.train_loader.batch_sampler, "slots", None),
                  "teacher_top1_before": self.teacher_top1_before,
+                 **self._projector_state(),
                  **self.skips.state(),
                  **self.strategy.state_dict()}
         if self.dist.is_distributed:

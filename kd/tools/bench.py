@@ -61,6 +61,7 @@ from kd.core.models import create_timm_model
 from kd.core.precision import autocast
 from kd.core.trainer import Trainer
 from kd.errors import ConfigError, UserError, output_error
+from kd.tools.plan import LiveTensorBytes
 from kd.tools.profiler import (
     count_flops_safely,
     cpu_model,
@@ -69,7 +70,7 @@ from kd.tools.profiler import (
     table_peak,
     training_batch_inputs,
 )
-from kd.units import format_flops, format_percent
+from kd.units import format_bytes, format_flops, format_percent
 
 log = logging.getLogger("kd")
 
@@ -79,6 +80,8 @@ DEFAULT_IMAGE_SIZES = (112, 224)
 LOOPS = ("plain", "kd", "timm")
 LOOP_TITLES = {"plain": "plain PyTorch loop", "kd": "kd Trainer.train_step",
                "timm": "timm LogitDistillationTask"}
+LOGITS_ONLY = "kd_logits"  # the loop added with a WORK_OPTIONS setting
+LOGITS_ONLY_TITLE = "kd, logits only"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -352,7 +355,7 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
 
     with tempfile.TemporaryDirectory(prefix="kd_bench_") as tmp:
         trainer, teacher_model = build_trainer(
-            teacher, student, image_size, batch, precision, warmup + rounds * steps, device,
+            teacher, student, image_size, batch, precision, warmup + rounds * steps + 1, device,
             num_classes, Path(tmp), teacher_kwargs, student_kwargs, temperature, alpha,
             kd_overrides=kd_overrides)
     dev, prec = trainer.device, trainer.precision
@@ -368,35 +371,49 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
                                targets, prec, temperature, alpha)
     loops = {"plain": plain_step, "kd": make_kd_step(trainer, images, targets),
              "timm": timm_step}
+    names = list(LOOPS)
+    work = [o for o in kd_overrides if o.split("=", 1)[0].strip() in WORK_OPTIONS]
+    if work:  # kd's step does more (feature pairs): time it against kd on logits alone too
+        with tempfile.TemporaryDirectory(prefix="kd_bench_") as tmp:
+            logits_only, _ = build_trainer(
+                teacher, student, image_size, batch, precision, warmup + rounds * steps + 1,
+                device, num_classes, Path(tmp), teacher_kwargs, student_kwargs, temperature,
+                alpha, kd_overrides=[o for o in kd_overrides if o not in work])
+        loops[LOGITS_ONLY] = make_kd_step(logits_only, images, targets)
+        names.insert(2, LOGITS_ONLY)
 
     flops = count_flops_safely(trainer.student_core, trainer.teacher,
                                *training_batch_inputs(trainer))
     mm_precision = matmul_precision(prec, dev)
     peaks = [measure_matmul_flops(mm_precision, dev)]
-    for name in LOOPS:
+    for name in names:
         if warmup:
             time_steps(loops[name], warmup, dev)
+    step_bytes = {"kd": live_step_bytes(trainer, loops["kd"])}
+    if work:
+        step_bytes[LOGITS_ONLY] = live_step_bytes(logits_only, loops[LOGITS_ONLY])
     trainer.timer.flush()
-    seconds: dict[str, list[float]] = {name: [] for name in LOOPS}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     kd_phases: list[dict[str, float]] = []
     for r in range(rounds):
-        for name in LOOPS:
+        for name in names:
             seconds[name].append(time_steps(loops[name], steps, dev))
             if name == "kd":
                 kd_phases.append({k: v / steps for k, v in trainer.timer.flush().items()})
         log.info("round %d/%d at %d px: %s", r + 1, rounds, image_size, ", ".join(
-            f"{n} {batch * steps / seconds[n][-1]:.1f} img/s" for n in LOOPS))
+            f"{n} {batch * steps / seconds[n][-1]:.1f} img/s" for n in names))
     peaks.append(measure_matmul_flops(mm_precision, dev))
     peak = max(peaks)
 
     rows = {}
-    for name in LOOPS:
+    for name in names:
         per_round = [batch * steps / s for s in seconds[name]]
         median = statistics.median(per_round)
         rows[name] = {"img_per_s": median, "rounds": per_round, "min": min(per_round),
                       "max": max(per_round),
                       "spread": (max(per_round) - min(per_round)) / median,
-                      "mfu": flops.per_image * median / peak}
+                      "mfu": flops.per_image * median / peak,
+                      "step_bytes": step_bytes.get(name)}
     datasheet = table_peak(torch.cuda.get_device_name(dev), mm_precision) \
         if dev.type == "cuda" else None
     return {
@@ -414,8 +431,9 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
                        f"({torch.get_num_threads()} threads), best of before and after the rounds",
         "datasheet_peak_flops": datasheet,
         "rows": rows,
-        "ratios": {"kd/plain": rows["kd"]["img_per_s"] / rows["plain"]["img_per_s"],
-                   "kd/timm": rows["kd"]["img_per_s"] / rows["timm"]["img_per_s"]},
+        "loops": names,
+        "ratios": {f"kd/{name}": rows["kd"]["img_per_s"] / rows[name]["img_per_s"]
+                   for name in names if name != "kd"},
         # Per round (neighbouring blocks): less exposed to slow drifts of the machine's load.
         "ratio_rounds": {"kd/plain": [p / k for p, k in zip(seconds["plain"], seconds["kd"])],
                          "kd/timm": [t / k for t, k in zip(seconds["timm"], seconds["kd"])]},
@@ -488,19 +506,23 @@ def print_table(result: dict[str, Any]) -> None:
     table = Table(title=f"kd bench: {s['teacher']} → {s['student']}, batch {s['batch']}, "
                         f"{precision}, {s['rounds']} rounds × {s['steps']} steps")
     for column in ("image", "loop", "images/s (median)", "range over rounds", "kd ÷ this",
-                   "MFU"):
+                   "MFU", "step tensors"):
         table.add_column(column, justify="left" if column in ("image", "loop") else "right")
     for run in result["runs"]:
-        for i, name in enumerate(LOOPS):
+        names = run.get("loops", LOOPS)
+        for i, name in enumerate(names):
             row = run["rows"][name]
             ratio = "—" if name == "kd" else f"{run['ratios'][f'kd/{name}']:.3f}"
-            table.add_row(f"{run['image_size']} px" if i == 0 else "", LOOP_TITLES[name],
+            step = row.get("step_bytes")
+            title = LOGITS_ONLY_TITLE if name == LOGITS_ONLY else LOOP_TITLES[name]
+            table.add_row(f"{run['image_size']} px" if i == 0 else "", title,
                           f"{row['img_per_s']:.2f}",
                           f"{row['min']:.2f}–{row['max']:.2f} "
                           f"(±{format_percent(row['spread'] / 2)})",
                           ratio, format_percent(row["mfu"], fine=True),
-                          end_section=i == len(LOOPS) - 1)
-    console = Console(width=110)
+                          format_bytes(step) if step is not None else "",
+                          end_section=i == len(names) - 1)
+    console = Console(width=130)
     console.print(table)
     for run in result["runs"]:
         f = run["flops"]
@@ -520,16 +542,35 @@ def print_table(result: dict[str, Any]) -> None:
 # accumulation, losses, models) would make kd's step other work than the other loops' steps.
 SPEED_OPTIONS = ("train.compile", "train.compile_mode", "teacher.dtype", "optim.zero",
                  "train.log_phases")
+# Options that add work to kd's step (feature pairs): with one of them, kd's step is also timed
+# without them, in the same rounds (the ``kd, logits only`` row), which measures their cost.
+WORK_OPTIONS = ("distill.features", "distill.projector")
 
 
 def check_kd_overrides(overrides: Sequence[str]) -> None:
-    """``--set`` takes ``key=value`` for the speed options in :data:`SPEED_OPTIONS` only."""
+    """``--set`` takes ``key=value`` for :data:`SPEED_OPTIONS` and :data:`WORK_OPTIONS` only."""
+    allowed = (*SPEED_OPTIONS, *WORK_OPTIONS)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if "=" not in item or key not in SPEED_OPTIONS:
-            raise UserError(f"--set {item}: give key=value for one of {', '.join(SPEED_OPTIONS)} "
+        if "=" not in item or key not in allowed:
+            raise UserError(f"--set {item}: give key=value for one of {', '.join(allowed)} "
                             f"(other settings would make kd's step other work than the plain "
                             f"loop's)")
+
+
+def live_step_bytes(trainer: Trainer, step: Callable[[], None]) -> int:
+    """Peak bytes of the tensors one kd step creates (activations, gradients, feature tokens),
+    beyond the weights and optimizer state that exist before it; counted per operator on any
+    device (:class:`kd.tools.plan.LiveTensorBytes`), outside the timed rounds."""
+    module = trainer.strategy.model
+    held = [*module.parameters(), *module.buffers()]
+    held += [t for state in trainer.optimizer.state.values() for t in state.values()
+             if isinstance(t, torch.Tensor)]
+    if trainer.teacher is not None:
+        held += [*trainer.teacher.parameters(), *trainer.teacher.buffers()]
+    with LiveTensorBytes(exclude=held) as live:
+        step()
+    return live.peak
 
 
 def check_json_path(path: str | Path | None) -> None:

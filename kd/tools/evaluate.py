@@ -89,4 +89,4 @@ def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path) -> dict
     counts = val_counts(task, data.val_loader(), device, precision, cfg.data.num_classes)
     step = int(state["step"])
     return eval_record(counts, step, round(step / max(1, data.steps_per_epoch)),
-                       teacher is not None)
+                       task.teacher_predicts)

@@ -46,6 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd.config import KDConfig, OptimConfig
+from kd.core.features import FeatureDistiller
 from kd.core.models import (
     FrozenTeacher,
     build_input_norm,
@@ -57,7 +58,7 @@ from kd.core.models import (
 from kd.core.optim import build_optimizer
 from kd.core.precision import DTYPES, autocast
 from kd.core.strategy import deepspeed_bucket_size
-from kd.core.task import DistillationTask
+from kd.core.task import DistillationTask, teacher_input
 from kd.data.datasets import DigitsDataset
 from kd.errors import UserError, output_error
 from kd.tools.profiler import count_flops_safely, matmul_precision, table_peak, tensor_bytes
@@ -588,11 +589,12 @@ def build_models(cfg: KDConfig, device: torch.device) -> PlanModels:
                       image_size=data.image_size, grey_to_rgb=data.grey_to_rgb)
     cached = bool(cfg.distill.teacher_cache)
     teacher = None
-    if not cached and (cfg.distill.loss != "none" or cfg.teacher.checkpoint
-                       or cfg.teacher.pretrained):
+    if not cached and (cfg.distill.loss != "none" or cfg.distill.features
+                       or cfg.teacher.checkpoint or cfg.teacher.pretrained):
         # What build_teacher builds, without reading teacher.checkpoint or downloading weights.
-        model = create_timm_model(cfg.teacher.name, "teacher", num_classes=classes,
-                                  **dict(cfg.teacher.kwargs))
+        kwargs = dict(cfg.teacher.kwargs)
+        model = create_timm_model(cfg.teacher.name, "teacher",
+                                  num_classes=kwargs.pop("num_classes", classes), **kwargs)
         teacher_norm = build_input_norm(model, cfg.teacher.mean, cfg.teacher.std, "teacher")
         check_model_input(model, teacher_norm, image, section="teacher", name=cfg.teacher.name,
                           image_size=data.image_size, teacher_image_size=cfg.teacher.image_size,
@@ -602,9 +604,17 @@ def build_models(cfg: KDConfig, device: torch.device) -> PlanModels:
         teacher.cast(teacher_dtype(cfg.teacher.dtype, plan_precision(cfg.train.precision)))
     student = student.to(device).train()
     student_norm = student_norm.to(device)
+    features = None
+    if cfg.distill.features and teacher is not None:  # the projectors train with the student
+        probe = image.to(device)
+        features = FeatureDistiller(cfg.distill.features, cfg.distill.projector, student,
+                                    teacher.model, student_norm(probe),
+                                    teacher_input(teacher, probe, cfg.teacher.image_size),
+                                    (cfg.student.name, cfg.teacher.name))
+        student = features.student_module(student).to(device)
     task = DistillationTask(student, student_norm, teacher, cfg.distill,
                             cfg.train.label_smoothing, teacher_image_size=cfg.teacher.image_size,
-                            cached_teacher=cached)
+                            cached_teacher=cached, features=features)
     return PlanModels(student, student_norm, teacher, task, cached)
 
 

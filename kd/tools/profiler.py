@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import DeviceType
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from kd.core.annotate import SMPROF_MODULE, import_smprof
@@ -198,8 +199,8 @@ def count_flops(student: nn.Module, teacher: nn.Module | None, x_student: torch.
     with FlopCounterMode(display=False) as counter:
         out = functional_call(student, _stand_ins(student, device, True), (x_student,))
     counts.append(counter.get_total_flops())
-    outputs = out if isinstance(out, tuple) else (out,)
-    surrogate = sum(o.float().sum() for o in outputs)
+    # Every tensor the student returns: logits, DeiT's pair, projected feature tokens.
+    surrogate = sum(o.float().sum() for o in tree_leaves(out) if isinstance(o, torch.Tensor))
     with FlopCounterMode(display=False) as counter:
         surrogate.backward()
     counts.append(counter.get_total_flops())

@@ -478,6 +478,18 @@ ROWS = [
         "data.image_size=16"),
     row("teacher-image-size", ("teacher.image_size=24",), "teacher", "teacher.image_size"),
     row("batch-larger-than-dataset", ("data.batch_size=129",), "data.batch_size", "128"),
+    # Feature distillation.
+    row("feature-layer-index", ("distill.features=[{{student: 5, teacher: -1}}]",),
+        "distill.features[0].student", "not a block", "0 to 0"),
+    row("feature-layer-path", ("distill.features=[{{student: -1, teacher: blocks.0.mlpp}}]",),
+        "distill.features[0].teacher", "blocks.0.mlpp", "blocks.0.mlp"),
+    row("feature-loss-name", ("distill.features=[{{loss: l2}}]",),
+        "'distill.features[0].loss'", "cosine, mse, smooth_l1"),
+    row("headless-teacher-with-a-logit-loss", ("teacher.kwargs.num_classes=0",
+                                               "distill.features=[{{}}]"),
+        "'distill.loss'", "headless", "distill.loss=none"),
+    row("projector-none-with-other-widths", ("distill.features=[{{}}]", "distill.projector=none"),
+        "distill.projector=none", "32 student channels onto 48"),
     row("soft-without-teacher", ("teacher.checkpoint=null", "distill.loss=soft"),
         "distill.loss=soft", "teacher"),
     # Data.

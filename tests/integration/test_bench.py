@@ -101,3 +101,21 @@ def test_kd_bench_rejects_bad_options(args: list[str], mention: str, capsys) -> 
 def test_parse_image_sizes() -> None:
     assert parse_image_sizes(None) == [112, 224]
     assert parse_image_sizes(["112,224", "64"]) == [112, 224, 64]
+
+
+def test_feature_pairs_are_benched_against_kd_on_logits_alone(tmp_path: Path, capsys) -> None:
+    """--set distill.features adds work to kd's step: the same rounds time kd without it too,
+    and the step's tensors are counted for both (the feature tokens and the projector)."""
+    from kd.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main([*ARGS, "--set", "distill.features=[{student: -1, teacher: -1, loss: mse}]",
+                 "--json", str(out)]) == 0
+    assert "kd, logits only" in capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["loops"] == ["plain", "kd", "kd_logits", "timm"]
+    assert run["ratios"]["kd/kd_logits"] == pytest.approx(
+        run["rows"]["kd"]["img_per_s"] / run["rows"]["kd_logits"]["img_per_s"])
+    rows = run["rows"]
+    assert rows["kd"]["step_bytes"] > rows["kd_logits"]["step_bytes"] > 0
+    assert rows["plain"]["step_bytes"] is None

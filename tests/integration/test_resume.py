@@ -86,6 +86,9 @@ PARITY_CASES = {
     "dkd-warmup": (5, 11, 10, ["distill.loss=dkd", "distill.dkd_warmup_epochs=2"]),
     "dropout": (4, 13, 12, ["student.kwargs.drop_rate=0.1",
                             "student.kwargs.drop_path_rate=0.1"]),
+    "feature-pairs": (4, 13, 12, ["distill.features=[{student: 0, teacher: 0}, {student: -1, "
+                                  "teacher: blocks.0.mlp, loss: mse, tokens: pooled}]",
+                                  "distill.projector=mlp"]),
 }
 
 

@@ -119,3 +119,23 @@ def test_smddp_path_under_mpi_variables(base, reference, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "smddp" and summary["world_size"] == 2
     assert max_diff(weights(out), weights(reference)) < ATOL
+
+
+FEATURES = ["distill.features=[{student: 0, teacher: 0}, {student: -1, teacher: -1, loss: mse, "
+            "tokens: pooled, weight: 0.5}]"]
+
+
+@pytest.mark.parametrize("strategy", [["optim.zero=true"],
+                                      ["dist.strategy=deepspeed", "dist.zero_stage=2"]],
+                         ids=["ddp-zero", "deepspeed-2"])
+def test_feature_pairs_in_two_processes_match_one(base, tmp_path, strategy):
+    """The projectors live in the module the strategy wraps: synchronised and sharded like the
+    student, so two processes train the same student (and projectors) as one."""
+    if "dist.strategy=deepspeed" in strategy:
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is part of .[dev]")
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(single(*base, *FEATURES, f"output_dir={one}", "data.batch_size=16"))
+    ok(torchrun(2, *base, *FEATURES, *strategy, f"output_dir={two}", "data.batch_size=8"))
+    assert max_diff(weights(two), weights(one)) < ATOL
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_feat_1"] is not None for r in records if "split" not in r)

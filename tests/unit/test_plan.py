@@ -302,3 +302,17 @@ def test_teacher_counted_in_the_dtype_training_holds_it() -> None:
     assert fp32.teacher_bytes - 24 == 2 * (bf16.teacher_bytes - 24)
     kept = measure_models(load_config(TINY, ["train.precision=bf16", "teacher.dtype=fp32"]), cpu)
     assert kept.teacher_bytes == fp32.teacher_bytes
+
+
+def test_feature_pairs_count_their_projectors_and_memory() -> None:
+    """tiny.yaml: student width 32, teacher 48; a linear projector adds 32 × 48 + 48."""
+    cpu = torch.device("cpu")
+    logits = measure_models(load_config(TINY), cpu)
+    features = measure_models(load_config(TINY, [
+        "distill.features=[{student: -1, teacher: -1, loss: mse}]"]), cpu)
+    assert features.trainable_params == logits.trainable_params + 32 * 48 + 48
+    assert features.activation_bytes_per_image > logits.activation_bytes_per_image
+    assert features.flops_student_forward > logits.flops_student_forward  # the projector
+    headless = measure_models(load_config(TINY, [
+        "teacher.kwargs.num_classes=0", "distill.loss=none", "distill.features=[{}]"]), cpu)
+    assert headless.teacher_params < logits.teacher_params  # no classifier
