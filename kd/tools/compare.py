@@ -4,7 +4,10 @@ Runs, for each of ``--seeds`` seeds, the arms the config allows:
 
 * ``labels``: labels only (``distill.loss=none``), on the labelled training images;
 * ``kd``: the configured distillation on the labelled images only;
-* ``kd+transfer``: the configured distillation with ``data.transfer_set`` (when one is set).
+* ``kd+transfer``: the configured distillation with ``data.transfer_set`` (when one is set);
+* with ``distill.features``: ``features`` (the feature pairs alone, from the same teacher used
+  headless) and ``kd+features`` (logits and features), both with the transfer set when one is
+  set (``features+transfer``, ``kd+features+transfer``).
 
 Every arm gets the same budget: the optimizer steps of the configured run, the same batch size
 (shrunk for all arms when the labelled images cannot fill one batch per rank), the same warm-up
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd.config import KDConfig, derive, to_yaml
+from kd.config import KDConfig, derive, is_headless, to_yaml
 from kd.core.checkpoint import atomic_write_text
 from kd.core.dist import DistInfo
 from kd.core.trainer import Trainer
@@ -34,7 +37,6 @@ from kd.errors import ConfigError
 
 log = logging.getLogger("kd")
 
-ARMS = ("labels", "kd", "kd+transfer")
 EVAL_AT_END = 10**9  # train.eval_every_epochs: evaluate once, when the budget is spent
 
 
@@ -56,19 +58,36 @@ class Arm:
 
 
 def arm_overrides(cfg: KDConfig, arm: str) -> dict[str, Any]:
-    """How an arm's config differs from the configured run (dotted keys)."""
-    if arm == "labels":
-        return {"distill.loss": "none", "data.transfer_set": "none"}
-    if arm == "kd":
-        return {"data.transfer_set": "none"}
-    return {}
+    """How an arm's config differs from the configured run (dotted keys). An arm's name lists
+    what it keeps: ``kd`` the logit loss, ``features`` the feature pairs (with the teacher
+    headless when the arm has no logit loss), ``transfer`` the transfer set."""
+    parts = set(arm.split("+"))
+    out: dict[str, Any] = {}
+    if "kd" not in parts:
+        out["distill.loss"] = "none"
+    if "features" not in parts:
+        out["distill.features"] = []
+    elif "kd" not in parts and not is_headless(cfg.teacher):
+        out["teacher.kwargs.num_classes"] = 0  # the same teacher, used as a backbone
+    if "transfer" not in parts:
+        out["data.transfer_set"] = "none"
+    return out
 
 
 def arms_for(cfg: KDConfig) -> list[str]:
-    if cfg.distill.loss == "none":
+    """``labels``, then the distillation arms the config allows (see the module docstring)."""
+    features, logits = bool(cfg.distill.features), cfg.distill.loss != "none"
+    if not (features or logits):
         raise ConfigError("kd compare measures distillation against labels only: set "
-                          "distill.loss (soft, hard, token or dkd) and a teacher")
-    return list(ARMS) if cfg.data.transfer_set != "none" else list(ARMS[:2])
+                          "distill.loss (soft, hard, token or dkd) and a teacher, or "
+                          "distill.features")
+    transfer = "+transfer" if cfg.data.transfer_set != "none" else ""
+    arms = ["labels"]
+    if logits:
+        arms += ["kd", *(["kd+transfer"] if transfer else [])]
+    if features:
+        arms += [f"features{transfer}", *([f"kd+features{transfer}"] if logits else [])]
+    return arms
 
 
 def _train_size(cfg: KDConfig) -> int:

@@ -81,3 +81,21 @@ def test_compare_refuses_a_teacher_cache(tiny_teacher: str, tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unset distill.teacher_cache" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_feature_pairs_add_the_feature_arms(tiny_teacher: str, tmp_path: Path) -> None:
+    """With distill.features: a features arm (the same teacher used headless, feature terms
+    only) and a kd+features arm, each with the transfer set; the budget follows the largest."""
+    cfg = load_config(TINY, [f"teacher.checkpoint={tiny_teacher}", *FEW, f"output_dir={tmp_path}",
+                             "distill.features=[{tokens: pooled}]"])
+    budget, configs = plan(cfg, world_size=1)
+    assert list(configs) == ["labels", "kd", "kd+transfer", "features+transfer",
+                             "kd+features+transfer"]
+    assert budget["reference_arm"] == "kd+features+transfer"
+    assert {arm: c.train.max_steps for arm, c in configs.items()} == dict.fromkeys(configs, 16)
+    features = configs["features+transfer"]
+    assert features.distill.loss == "none" and features.teacher.kwargs["num_classes"] == 0
+    assert len(features.distill.features) == 1 and features.data.transfer_set == "rest"
+    both = configs["kd+features+transfer"]
+    assert both.distill.loss == "soft" and "num_classes" not in both.teacher.kwargs
+    assert all(not configs[a].distill.features for a in ("labels", "kd", "kd+transfer"))
