@@ -110,6 +110,14 @@ class TeacherConfig:
 
 
 @dataclass
+class TeacherEntry(TeacherConfig):
+    """One teacher of ``teachers``: a teacher section and its weight in the mixture."""
+
+    weight: float = _field(1.0, "Weight of this teacher's probabilities in the mixture that "
+                           "logit losses distil (normalised over the teachers with a head).")
+
+
+@dataclass
 class DataConfig:
     name: str = _field("imagefolder", "Dataset: `digits` (ships with scikit-learn), `synthetic`, "
                        "`imagefolder`, `wds` (WebDataset tar shards on local disk) or `hf` (a "
@@ -195,6 +203,8 @@ class FeaturePairConfig:
                                 "`forward_intermediates` (negative counts from the end), or a "
                                 "module path such as `blocks.3.mlp`.")
     teacher: int | str = _field(-1, "Teacher layer, as `student`.")
+    teacher_index: int = _field(0, "With `teachers`: which teacher (0-based) this pair's "
+                                "teacher layer belongs to.")
     loss: str = _field("cosine", "`cosine`, `mse` or `smooth_l1`.")
     weight: float = _field(1.0, "Weight of this term in the total loss.")
     tokens: str = _field("all", "`all`, `prefix`, `patch` or `pooled` (see the README).")
@@ -240,8 +250,9 @@ class DistillConfig:
         "loss: cosine, weight: 1.0, tokens: all}` (loss: `cosine`, `mse` or `smooth_l1`; tokens: "
         "`all`, `prefix`, `patch` or `pooled`), each adding `weight * loss` to the total (logged "
         "as `loss_feat_<i>`). LAYER: a block index of timm's `forward_intermediates` (negative "
-        "from the end) or a module path (`blocks.3.mlp`). Token grids that differ are aligned "
-        "(see the README's feature distillation section).")
+        "from the end) or a module path (`blocks.3.mlp`); with `teachers`, `teacher_index` "
+        "names the pair's teacher (default 0). Token grids that differ are aligned (see the "
+        "README's feature distillation section).")
     projector: str = _field(
         "linear", "Maps each student feature to its teacher's width, trained with the student "
         "and saved in checkpoints (not exported): `linear`, `mlp` (linear, GELU, linear) or "
@@ -335,6 +346,12 @@ class KDConfig:
     seed: int = _field(0, "Seed for model init, data order and augmentation.")
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: list[TeacherEntry] = _field(
+        [], "Several teachers, replacing `teacher` when given: a list of teacher sections (the "
+        "keys of `teacher`, plus `weight`). Each is frozen, normalised with its own statistics, "
+        "at its own `image_size` and in its own `dtype`; logit losses distil the weighted "
+        "mixture of their probabilities at `distill.temperature`, feature pairs name theirs "
+        "with `teacher_index` (see the README).")
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -642,13 +659,15 @@ def _check(ok: bool, key: str, value: Any, need: str) -> None:
         raise ConfigError(f"invalid value for '{key}': {value!r} ({need})")
 
 
-def _check_choices(section: str, values: Any) -> None:
-    """The keys of ``section`` that take one of :data:`CHOICES`."""
+def _check_choices(section: str, values: Any, named: str | None = None) -> None:
+    """The keys of ``section`` that take one of :data:`CHOICES` (named ``named.key`` in errors,
+    for a list entry such as ``teachers[1]``)."""
     for key, choices in CHOICES.items():
         prefix, _, name = key.partition(".")
         if prefix == section:
             value = getattr(values, name)
-            _check(value in choices, key, value, "choose one of: " + ", ".join(map(str, choices)))
+            _check(value in choices, f"{named or prefix}.{name}", value,
+                   "choose one of: " + ", ".join(map(str, choices)))
 
 
 def _check_signs(section: str, values: Any, positive: Sequence[str] = (),
@@ -671,10 +690,11 @@ def _check_signs(section: str, values: Any, positive: Sequence[str] = (),
 
 def _check_model(section: str, model: StudentConfig | TeacherConfig) -> None:
     """What the student and teacher sections share: kwargs and input statistics."""
-    headless_ok = section == "teacher" and model.kwargs.get("num_classes") == 0
+    teacher = section.startswith("teacher")
+    headless_ok = teacher and model.kwargs.get("num_classes") == 0
     _check("num_classes" not in model.kwargs or headless_ok, f"{section}.kwargs.num_classes",
            model.kwargs.get("num_classes"), "set data.num_classes instead" + (
-               "; 0 builds a headless teacher" if section == "teacher" else ""))
+               "; 0 builds a headless teacher" if teacher else ""))
     for stat in ("mean", "std"):
         value = getattr(model, stat)
         _check(value is None or len(value) > 0, f"{section}.{stat}", value,
@@ -687,10 +707,16 @@ def _validate_student(s: StudentConfig) -> None:
     _check_model("student", s)
 
 
-def _validate_teacher(t: TeacherConfig) -> None:
-    _check_choices("teacher", t)
-    _check_signs("teacher", t, optional_positive=["image_size"])
-    _check_model("teacher", t)
+def _validate_teacher(t: TeacherConfig, section: str = "teacher") -> None:
+    _check_choices("teacher", t, section)
+    _check_signs(section, t, optional_positive=["image_size"])
+    _check_model(section, t)
+
+
+def _validate_teachers(teachers: list[TeacherEntry]) -> None:
+    for i, entry in enumerate(teachers):
+        _validate_teacher(entry, f"teachers[{i}]")
+        _check(entry.weight > 0, f"teachers[{i}].weight", entry.weight, "must be > 0")
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -747,6 +773,8 @@ def _validate_distill(d: DistillConfig) -> None:
         _check(pair.tokens in FEATURE_TOKENS, f"{key}.tokens", pair.tokens,
                "choose one of: " + ", ".join(FEATURE_TOKENS))
         _check(pair.weight >= 0, f"{key}.weight", pair.weight, "must be >= 0")
+        _check(pair.teacher_index >= 0, f"{key}.teacher_index", pair.teacher_index,
+               "must be >= 0")
         for side in ("student", "teacher"):
             layer = getattr(pair, side)
             _check(isinstance(layer, int) or bool(layer.strip()), f"{key}.{side}", layer,
@@ -793,7 +821,8 @@ def _validate_dist(d: DistConfig) -> None:
 
 
 SECTION_CHECKS: dict[str, Callable[[Any], None]] = {
-    "student": _validate_student, "teacher": _validate_teacher, "data": _validate_data,
+    "student": _validate_student, "teacher": _validate_teacher, "teachers": _validate_teachers,
+    "data": _validate_data,
     "distill": _validate_distill, "optim": _validate_optim, "sched": _validate_sched,
     "train": _validate_train, "checkpoint": _validate_checkpoint, "dist": _validate_dist,
 }
@@ -804,6 +833,39 @@ def is_headless(teacher: TeacherConfig) -> bool:
     return teacher.kwargs.get("num_classes") == 0
 
 
+def teacher_sections(cfg: KDConfig) -> list[TeacherConfig]:
+    """The run's teachers: ``teachers`` when given, else the one ``teacher``."""
+    return list(cfg.teachers) if cfg.teachers else [cfg.teacher]
+
+
+def teacher_key(cfg: KDConfig, index: int) -> str:
+    """The config section of teacher ``index``: ``teachers[i]``, or ``teacher``."""
+    return f"teachers[{index}]" if cfg.teachers else "teacher"
+
+
+def _check_teachers(cfg: KDConfig) -> None:
+    """Headless teachers teach through feature pairs only; pairs name existing teachers."""
+    sections = teacher_sections(cfg)
+    headless = [is_headless(t) for t in sections]
+    what = "the teachers are" if cfg.teachers else "the teacher is"
+    if all(headless):
+        _check(cfg.distill.loss == "none", "distill.loss", cfg.distill.loss,
+               f"{what} headless (kwargs.num_classes=0) and has no logits: use "
+               f"distill.loss=none with distill.features")
+        _check(bool(cfg.distill.features), "distill.features", cfg.distill.features,
+               f"{what} headless (kwargs.num_classes=0) and teaches through feature pairs "
+               f"only: name at least one")
+    for i, pair in enumerate(cfg.distill.features):
+        _check(pair.teacher_index < len(sections), f"distill.features[{i}].teacher_index",
+               pair.teacher_index, f"the run has {len(sections)} teacher(s): 0 to "
+               f"{len(sections) - 1}")
+    named = {pair.teacher_index for pair in cfg.distill.features}
+    for i, flag in enumerate(headless):
+        _check(not flag or i in named, f"{teacher_key(cfg, i)}.kwargs.num_classes", 0,
+               "a headless teacher teaches through feature pairs only, and no pair of "
+               "distill.features names it (teacher_index)")
+
+
 def check_combinations(cfg: KDConfig) -> None:
     """The checks that span sections (each section is valid on its own by then)."""
     if cfg.dist.strategy == "deepspeed":
@@ -811,13 +873,10 @@ def check_combinations(cfg: KDConfig) -> None:
                "PyTorch's ZeRO; with dist.strategy=deepspeed set dist.zero_stage instead")
         _check(cfg.train.precision != "fp16", "train.precision", cfg.train.precision,
                "dist.strategy=deepspeed runs kd's bf16 or fp32 autocast")
-    if is_headless(cfg.teacher):
-        _check(cfg.distill.loss == "none", "distill.loss", cfg.distill.loss,
-               "a headless teacher (teacher.kwargs.num_classes=0) has no logits: use "
-               "distill.loss=none with distill.features")
-        _check(bool(cfg.distill.features), "distill.features", cfg.distill.features,
-               "a headless teacher (teacher.kwargs.num_classes=0) teaches through feature "
-               "pairs only: name at least one")
+    _check_teachers(cfg)
+    if cfg.teachers:
+        _check(not cfg.distill.teacher_cache, "teachers", f"{len(cfg.teachers)} teachers",
+               "distill.teacher_cache holds one teacher's logits: unset one of them")
     if cfg.data.transfer_set != "none":
         _check(cfg.distill.loss in ("soft", "hard", "token") or (
             cfg.distill.loss == "none" and bool(cfg.distill.features)), "distill.loss",

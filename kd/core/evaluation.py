@@ -18,9 +18,10 @@ def val_counts(task: DistillationTask, loader: Iterable, device: torch.device, p
                num_classes: int, *, student: bool = True,
                on_bad: Callable[[list[str]], None] | None = None) -> list[float]:
     """One pass over ``loader``, summed over ranks (so every rank gets the same numbers):
-    images, student top-1, student top-5, teacher top-1, agreement (hits, not fractions).
+    images, student top-1, student top-5, the teachers' (mixture) top-1, agreement, then each
+    teacher's top-1 (hits, not fractions).
 
-    ``student=False`` runs the teacher alone (the student's counts stay 0). ``on_bad`` is told
+    ``student=False`` runs the teachers alone (the student's counts stay 0). ``on_bad`` is told
     of the unreadable samples a batch replaced. The student is in eval mode during the pass and
     back in training mode after it.
     """
@@ -28,7 +29,9 @@ def val_counts(task: DistillationTask, loader: Iterable, device: torch.device, p
     was_training = core.training
     core.eval()
     k = min(5, num_classes)
-    counts = torch.zeros(5, device=device)  # n, student top1, top5, teacher top1, agreement
+    n_teachers = len(task.teachers) if task.teachers is not None else 0
+    # n, student top1, top5, teachers' top1, agreement, each teacher's top1
+    counts = torch.zeros(5 + n_teachers, device=device)
     try:
         for images, targets, bad in loader:
             if bad and on_bad is not None:
@@ -36,10 +39,8 @@ def val_counts(task: DistillationTask, loader: Iterable, device: torch.device, p
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             with autocast(device, precision):
-                if student:
-                    s, t = task.predict(images)
-                else:
-                    s, t = None, task.predict_teacher(images)
+                s, each = task.predict_all(images, student=student)
+                t = task.mix(each)
             counts[0] += targets.numel()
             if s is not None:
                 top = s.float().topk(k, dim=-1).indices
@@ -50,15 +51,36 @@ def val_counts(task: DistillationTask, loader: Iterable, device: torch.device, p
                 counts[3] += (t1 == targets).sum()
                 if s is not None:
                     counts[4] += (t1 == top[:, 0]).sum()
+            for i, logits in enumerate(each if n_teachers > 1 else []):
+                if logits is not None:
+                    counts[5 + i] += (logits.float().argmax(-1) == targets).sum()
     finally:
         core.train(was_training)
-    return all_reduce_sum(counts).tolist()
+    counts = all_reduce_sum(counts).tolist()
+    if n_teachers == 1:  # one teacher: its top-1 is the mixture's
+        counts[5] = counts[3]
+    return counts
 
 
-def eval_record(counts: list[float], step: int, epoch: int, has_teacher: bool) -> dict[str, Any]:
-    """The ``metrics.jsonl`` record of an evaluation from :func:`val_counts`."""
-    n, s1, s5, t1, agree = counts
-    return {"split": "val", "step": step, "epoch": epoch,
-            "student_top1": s1 / n, "student_top5": s5 / n,
-            "teacher_top1": t1 / n if has_teacher else None,
-            "agreement": agree / n if has_teacher else None}
+def teacher_results(task: DistillationTask, counts: list[float]) -> list[dict[str, Any]]:
+    """Each teacher's name and top-1 from :func:`val_counts` (None for a headless one)."""
+    if task.teachers is None:
+        return []
+    n = counts[0]
+    return [{"name": name, "top1": None if t.headless else counts[5 + i] / n}
+            for i, (name, t) in enumerate(zip(task.teachers.names, task.teachers, strict=True))]
+
+
+def eval_record(counts: list[float], step: int, epoch: int, has_teacher: bool,
+                teachers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``metrics.jsonl`` record of an evaluation from :func:`val_counts`: the student's
+    top-1/top-5, the teachers' (mixture) top-1 and agreement, and, with several teachers,
+    ``teachers`` (each one's name and top-1)."""
+    n, s1, s5, t1, agree = counts[:5]
+    record = {"split": "val", "step": step, "epoch": epoch,
+              "student_top1": s1 / n, "student_top5": s5 / n,
+              "teacher_top1": t1 / n if has_teacher else None,
+              "agreement": agree / n if has_teacher else None}
+    if teachers is not None and len(teachers) > 1:
+        record["teachers"] = teachers
+    return record

@@ -112,8 +112,9 @@ class LayerTap:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int | str], side: str,
-                 name: str) -> None:
+                 name: str, pairs: Sequence[int] | None = None) -> None:
         self.model, self.layers = model, list(layers)
+        numbers = list(pairs) if pairs is not None else list(range(len(self.layers)))
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         self.grid_size = tuple(grid) if grid is not None else None
@@ -122,7 +123,7 @@ class LayerTap:
         count = block_count(model)
         modules = dict(model.named_modules())
         for i, layer in enumerate(self.layers):
-            key = pair_key(i, side)
+            key = pair_key(numbers[i], side)
             if isinstance(layer, int):
                 if count is None:
                     raise ConfigError(f"{key}: {side} {name} has no forward_intermediates, so "
@@ -267,32 +268,65 @@ def feature_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> tor
 
 # ------------------------------------------------------------------------------ building
 class FeatureDistiller:
-    """The feature pairs of a run: the taps on both models, the projectors, the loss terms.
+    """The feature pairs of a run: the taps on the student and on the teachers they name, the
+    projectors, the loss terms.
 
     Built with one probe batch (the check before training), which gives each layer's width and
     grid, so that the projectors can be sized and an impossible pair fails before training.
+
+    Args:
+        pairs: ``distill.features``.
+        projector: ``distill.projector``.
+        student: the unwrapped student.
+        teachers: the teachers' models (unwrapped timm models), by ``teacher_index``.
+        probe_student: one normalised image batch for the student.
+        probe_teachers: the same batch as each teacher takes it.
+        names: the student's model name and each teacher's, for errors.
     """
 
     def __init__(self, pairs: Sequence[FeaturePairConfig], projector: str,
-                 student: nn.Module, teacher: nn.Module, probe_student: torch.Tensor,
-                 probe_teacher: torch.Tensor, names: tuple[str, str]) -> None:
+                 student: nn.Module, teachers: Sequence[nn.Module],
+                 probe_student: torch.Tensor, probe_teachers: Sequence[torch.Tensor],
+                 names: tuple[str, Sequence[str]]) -> None:
         self.pairs = list(pairs)
         self.student_tap = LayerTap(student, [p.student for p in pairs], "student", names[0])
-        self.teacher_tap = LayerTap(teacher, [p.teacher for p in pairs], "teacher", names[1])
+        # Each teacher named by a pair gets one tap over its pairs' layers; slot (t, k) is the
+        # k-th layer of teacher t's tap.
+        self.teacher_taps: dict[int, LayerTap] = {}
+        for t in sorted({p.teacher_index for p in pairs}):
+            mine = [i for i, p in enumerate(pairs) if p.teacher_index == t]
+            self.teacher_taps[t] = LayerTap(teachers[t], [pairs[i].teacher for i in mine],
+                                            "teacher", names[1][t], pairs=mine)
+        self.slots: list[tuple[int, int]] = []
+        for pair in pairs:
+            t = pair.teacher_index
+            self.slots.append((t, sum(1 for q in self.slots if q[0] == t)))
         was_training = student.training
         student.eval()
         try:
             with torch.no_grad():
                 s_tokens = self._probe(self.student_tap, probe_student, "student")
-                t_tokens = self._probe(self.teacher_tap, probe_teacher, "teacher")
+                by_teacher = {t: self._probe(tap, probe_teachers[t], "teacher")
+                              for t, tap in self.teacher_taps.items()}
         finally:
             student.train(was_training)
+        t_tokens = [by_teacher[t][k] for t, k in self.slots]
         projectors = []
         for i, (pair, s, t) in enumerate(zip(self.pairs, s_tokens, t_tokens, strict=True)):
             check_alignment(s, t, pair.tokens, pair_key(i))
             projectors.append(build_projector(projector, s.grid.shape[1], t.grid.shape[1],
                                               pair_key(i)))
         self.projectors = nn.ModuleList(projectors)
+
+    def teacher_tokens(self, by_teacher: dict[int, list[Tokens]]) -> list[Tokens]:
+        """Each pair's teacher tokens, in the order of the pairs, cloned out of inference mode
+        (a loss may save them for backward: cosine does)."""
+        out = []
+        for t, k in self.slots:
+            tokens = by_teacher[t][k]
+            out.append(Tokens(tokens.grid.clone(),
+                              None if tokens.prefix is None else tokens.prefix.clone()))
+        return out
 
     @staticmethod
     def _probe(tap: LayerTap, x: torch.Tensor, side: str) -> list[Tokens]:

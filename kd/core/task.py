@@ -15,7 +15,9 @@ How terms combine (``distill.alpha`` = a)::
            (DeiT, Touvron et al. 2021; at evaluation both heads are averaged)
 
 ``loss_task`` is the cross-entropy with ``train.label_smoothing``; ``loss_kd`` is the
-distillation term before weighting. All three are logged.
+distillation term before weighting. All three are logged. With several teachers, ``teacher`` is
+their mixture (:mod:`kd.core.teachers`). Feature pairs (``distill.features``,
+:mod:`kd.core.features`) add ``Σ weight_i · loss_feat_i`` to ``loss``, each term logged too.
 """
 
 from __future__ import annotations
@@ -26,34 +28,25 @@ import torch
 from torch import nn
 
 from kd.config import DistillConfig
-from kd.core.features import FeatureDistiller, Tokens, WithFeatures
+from kd.core.features import FeatureDistiller, WithFeatures
 from kd.core.losses import dkd, hard_kd, soft_kd, soft_target_cross_entropy
-from kd.core.models import FrozenTeacher, InputNorm, is_distilled_vit, resize
+from kd.core.models import FrozenTeacher, InputNorm, is_distilled_vit
+from kd.core.teachers import TeacherSet
 from kd.errors import ConfigError
 
 
-def teacher_input(teacher: FrozenTeacher, images: torch.Tensor, image_size: int | None,
-                  normalised: torch.Tensor | None = None) -> torch.Tensor:
-    """A raw (augmented, mixed) batch normalised for the teacher and resized to its
-    ``image_size``; ``normalised`` is the batch already normalised with the teacher's statistics
-    (the student's, when they are the same), which saves normalising it again."""
-    x = normalised if normalised is not None else teacher.norm(images)
-    if image_size and image_size != x.shape[-1]:
-        x = resize(x, image_size)
-    return x
-
-
 class DistillationTask:
-    """Owns forward passes and loss terms for one student/teacher pair.
+    """Owns forward passes and loss terms for a student and its teacher(s).
 
     Args:
         student: the trainable model (possibly wrapped for data parallelism).
         student_norm: the student's input normalisation.
-        teacher: the frozen teacher, or None (only with ``distill.loss=none``).
+        teacher: the frozen teacher, or the teachers (:class:`~kd.core.teachers.TeacherSet`),
+            or None (only with ``distill.loss=none`` and no feature pairs).
         cfg: the ``distill`` section of the config.
         label_smoothing: smoothing of the task term.
         student_core: the unwrapped student (for DeiT checks); defaults to ``student``.
-        teacher_image_size: the side the teacher sees, when it is not the student's.
+        teacher_image_size: the side a single ``teacher`` sees, when it is not the student's.
         cached_teacher: the teacher's logits come from a cache (:mod:`kd.core.teacher_cache`):
             ``teacher`` is None and the caller passes the cached logits to :meth:`loss`.
         features: the feature pairs (``distill.features``); ``student`` is then the
@@ -62,17 +55,20 @@ class DistillationTask:
     """
 
     def __init__(self, student: nn.Module, student_norm: InputNorm,
-                 teacher: FrozenTeacher | None, cfg: DistillConfig, label_smoothing: float = 0.0,
-                 student_core: nn.Module | None = None,
+                 teacher: FrozenTeacher | TeacherSet | None, cfg: DistillConfig,
+                 label_smoothing: float = 0.0, student_core: nn.Module | None = None,
                  teacher_image_size: int | None = None, cached_teacher: bool = False,
                  features: FeatureDistiller | None = None) -> None:
-        self.student, self.student_norm, self.teacher = student, student_norm, teacher
+        if isinstance(teacher, FrozenTeacher):
+            teacher = TeacherSet([teacher], image_sizes=[teacher_image_size])
+        self.student, self.student_norm, self.teachers = student, student_norm, teacher
+        # The first teacher (the only one in most runs), for tools that look at one.
+        self.teacher: FrozenTeacher | None = teacher[0] if teacher is not None else None
         self.features = features
         if features is not None and teacher is None:
             raise ConfigError("distill.features needs a teacher: set teacher.checkpoint or "
                               "teacher.pretrained=true")
         self.cfg, self.label_smoothing = cfg, label_smoothing
-        self.teacher_image_size = teacher_image_size
         core = student_core if student_core is not None else student
         self.student_core = core
         if cfg.loss != "none" and teacher is None and not cached_teacher:
@@ -85,7 +81,11 @@ class DistillationTask:
             core.set_distilled_training(True)  # training forward returns (class, dist) logits
         elif is_distilled_vit(core):
             core.set_distilled_training(False)
-        self.share_input = teacher is not None and teacher.norm.same_as(student_norm)
+
+    @property
+    def share_input(self) -> bool:
+        """Whether the (first) teacher takes the student's normalised batch as it is."""
+        return self.teacher is not None and self.teacher.norm.same_as(self.student_norm)
 
     @property
     def uses_teacher(self) -> bool:
@@ -94,42 +94,38 @@ class DistillationTask:
 
     @property
     def teacher_predicts(self) -> bool:
-        """Whether there is a teacher with a classifier to evaluate (not a headless one)."""
-        return self.teacher is not None and not self.teacher.headless
+        """Whether a teacher has a classifier to evaluate (not only headless ones)."""
+        return self.teachers is not None and self.teachers.predicts
 
     @property
     def term_names(self) -> list[str]:
         """The extra loss terms :meth:`loss` returns: one per feature pair."""
         return self.features.names if self.features is not None else []
 
-    def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalise a raw batch for the student and, when its statistics differ, the teacher.
+    def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Normalise a raw batch for the student and for each teacher (a teacher normalised
+        like the student reuses the student's input).
 
-        Both get the same (augmented, mixed) images; a teacher with its own
-        ``teacher.image_size`` gets that crop resized on the device.
+        All get the same (augmented, mixed) images; a teacher with its own ``image_size`` gets
+        that crop resized on the device.
         """
         x_student = self.student_norm(images)
-        if not self.uses_teacher or self.teacher is None:  # labels only, or a teacher cache
+        if not self.uses_teacher or self.teachers is None:  # labels only, or a teacher cache
             return x_student, None
-        return x_student, self._teacher_input(images, x_student)
+        return x_student, self.teachers.inputs(images, x_student, self.student_norm)
 
-    def _teacher_input(self, images: torch.Tensor, x_student: torch.Tensor) -> torch.Tensor:
-        assert self.teacher is not None
-        return teacher_input(self.teacher, images, self.teacher_image_size,
-                             x_student if self.share_input else None)
-
-    def teacher_forward(self, x_teacher: torch.Tensor | None) -> Any:
-        """Teacher logits without autograd (None when training on labels only); with feature
-        pairs, :class:`~kd.core.features.WithFeatures` (logits, None when headless, and the
-        teacher's tokens)."""
-        if x_teacher is None or self.teacher is None:
+    def teacher_forward(self, x_teachers: list[torch.Tensor] | None) -> Any:
+        """The teachers' (mixture) logits without autograd (None when training on labels
+        only); with feature pairs, :class:`~kd.core.features.WithFeatures` (the logits, None
+        without a teacher that has a head, and each pair's teacher tokens)."""
+        if x_teachers is None or self.teachers is None:
             return None
+        temperature = self.cfg.temperature
         if self.features is None:
-            return self.teacher(x_teacher)
-        logits, tokens = self.teacher.with_features(x_teacher, self.features.teacher_tap)
-        # Out of inference mode: a loss may save them for backward (cosine does).
-        return WithFeatures(logits, [Tokens(t.grid.clone(), None if t.prefix is None
-                                            else t.prefix.clone()) for t in tokens])
+            return self.teachers.mix(self.teachers(x_teachers), temperature)
+        logits, tokens = self.teachers.with_features(x_teachers, self.features.teacher_taps)
+        return WithFeatures(self.teachers.mix(logits, temperature),
+                            self.features.teacher_tokens(tokens))
 
     def student_forward(self, x_student: torch.Tensor) -> Any:
         """Student logits, or ``(class_logits, dist_logits)`` for a DeiT student with token KD;
@@ -211,20 +207,30 @@ class DistillationTask:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Evaluation logits of the student (DeiT heads averaged) and the teacher, if any."""
-        x_student = self.student_norm(images)
-        s = self.student_core(x_student)
-        if isinstance(s, tuple):  # a distilled model in train mode; eval mode already averages
-            s = (s[0] + s[1]) / 2
-        return s, self.predict_teacher(images, x_student)
+        """Evaluation logits of the student (DeiT heads averaged) and the teachers' mixture."""
+        s, teachers = self.predict_all(images)
+        return s, self.mix(teachers)
 
     @torch.no_grad()
-    def predict_teacher(self, images: torch.Tensor,
-                        x_student: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Evaluation logits of the teacher alone (None without one); ``x_student``, when the
-        caller has it, saves normalising the batch twice."""
-        if self.teacher is None or self.teacher.headless:
-            return None
-        if x_student is None:
-            x_student = self.student_norm(images)
-        return self.teacher(self._teacher_input(images, x_student))
+    def predict_all(self, images: torch.Tensor, student: bool = True
+                    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """Evaluation logits of the student (None with ``student=False``) and of each teacher
+        (None for a headless one; an empty list without teachers)."""
+        x_student = self.student_norm(images)
+        s = None
+        if student:
+            s = self.student_core(x_student)
+            if isinstance(s, tuple):  # a distilled model in train mode; eval mode averages
+                s = (s[0] + s[1]) / 2
+        if self.teachers is None:
+            return s, []
+        return s, self.teachers(self.teachers.inputs(images, x_student, self.student_norm))
+
+    @torch.no_grad()
+    def predict_teacher(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Evaluation logits of the teachers' mixture alone (None without a head)."""
+        return self.mix(self.predict_all(images, student=False)[1])
+
+    def mix(self, logits: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The teachers' mixture logits at ``distill.temperature`` (:meth:`TeacherSet.mix`)."""
+        return self.teachers.mix(logits, self.cfg.temperature) if self.teachers else None

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd.config import KDConfig, to_yaml
+from kd.config import KDConfig, teacher_key, teacher_sections, to_yaml
 from kd.core import checkpoint as ckpt
 from kd.core.annotate import annotate
 from kd.core.dist import DistInfo, all_reduce_sum, barrier, single_process
-from kd.core.evaluation import eval_record, val_counts
+from kd.core.evaluation import eval_record, teacher_results, val_counts
 from kd.core.features import FeatureDistiller
 from kd.core.guard import (
     SkipTracker,
@@ -39,7 +39,6 @@ from kd.core.metrics import build_metrics
 from kd.core.models import (
     build_input_norm,
     build_student,
-    build_teacher,
     check_model_input,
     describe_mismatch,
     teacher_dtype,
@@ -47,8 +46,9 @@ from kd.core.models import (
 from kd.core.optim import build_optimizer, build_scheduler
 from kd.core.precision import autocast, maybe_enable_tf32, resolve_precision
 from kd.core.strategy import build_strategy
-from kd.core.task import DistillationTask, teacher_input
+from kd.core.task import DistillationTask
 from kd.core.teacher_cache import TeacherCache, cache_fields, densify
+from kd.core.teachers import TeacherSet, build_teachers
 from kd.core.watchdog import report_step
 from kd.data.batch import BatchPreparer
 from kd.data.pipeline import Ranks, RunData
@@ -229,10 +229,12 @@ class Trainer:
         self.student_norm = build_input_norm(student, cfg.student.mean, cfg.student.std,
                                              "student").to(self.device)
         # Training from a teacher-output cache never builds the teacher.
-        teacher = None if self.cache else build_teacher(cfg.teacher, cfg.data.num_classes)
-        self._check_models(student, teacher)
+        teachers = None if self.cache else build_teachers(cfg)
+        self._check_models(student, teachers)
         self.student_core = student.to(self.device).train()
-        self.teacher = teacher.to(self.device) if teacher is not None else None
+        self.teachers = teachers.to(self.device) if teachers is not None else None
+        # The first teacher (the only one in most runs).
+        self.teacher = self.teachers[0] if self.teachers is not None else None
         self._speed_up_models()
         # Feature pairs: the student's projectors train with it, in one module.
         self.features = self._build_features() if cfg.distill.features else None
@@ -254,9 +256,8 @@ class Trainer:
         # With Mixup/CutMix, label smoothing is applied to the mixed targets by Mixup itself
         # (except with a transfer set: see kd.data.batch).
         smoothing = 0.0 if self.preparer.smooths_targets else tc.label_smoothing
-        self.task = DistillationTask(self.strategy.model, self.student_norm, self.teacher,
+        self.task = DistillationTask(self.strategy.model, self.student_norm, self.teachers,
                                      cfg.distill, smoothing, student_core=self.student_core,
-                                     teacher_image_size=cfg.teacher.image_size,
                                      cached_teacher=self.cache is not None,
                                      features=self.features)
         # 6. Checkpoints and resume.
@@ -268,6 +269,7 @@ class Trainer:
         self._bad_logged: set[str] = set()
         self._saved_step = -1  # step of the newest checkpoint this process wrote
         self._last_eval: dict[str, Any] = {}
+        self._last_teachers: list[dict[str, Any]] = []  # each teacher's name and top-1
         self.teacher_top1_before: float | None = None  # see check_teacher; kept on resume
         self.skips = SkipTracker(self.device, cfg.train.max_skipped_steps)
         self._maybe_resume(cfg.checkpoint.resume)
@@ -309,48 +311,49 @@ class Trainer:
         or the cached epoch it replays (``distill.cache_cycle``)."""
         return self.cache.data_epoch(epoch) if self.cache is not None else epoch
 
-    def _check_models(self, student: nn.Module, teacher: Any) -> None:
+    def _check_models(self, student: nn.Module, teachers: TeacherSet | None) -> None:
         """Fail before training, with the config key to fix, if a model cannot take the data."""
         image = self.train_set[0][0][None]
         cfg = self.cfg
         check_model_input(student, self.student_norm, image, section="student",
                           name=cfg.student.name, image_size=cfg.data.image_size,
                           grey_to_rgb=cfg.data.grey_to_rgb)
-        if teacher is not None:
-            check_model_input(teacher.model, teacher.norm, image, section="teacher",
-                              name=cfg.teacher.name, image_size=cfg.data.image_size,
-                              teacher_image_size=cfg.teacher.image_size,
+        for i, (teacher, section) in enumerate(zip(teachers or [], teacher_sections(cfg))):
+            check_model_input(teacher.model, teacher.norm, image, section=teacher_key(cfg, i),
+                              name=section.name, image_size=cfg.data.image_size,
+                              teacher_image_size=section.image_size,
                               grey_to_rgb=cfg.data.grey_to_rgb)
 
     def _speed_up_models(self) -> None:
         """The teacher's weights in the training dtype (``teacher.dtype``); ``train.compile``
         compiles both models in place, before the strategy wraps the student."""
         cfg = self.cfg
-        if self.teacher is not None:
-            dtype = teacher_dtype(cfg.teacher.dtype, self.precision)
+        teachers = list(self.teachers or [])
+        for i, (teacher, section) in enumerate(zip(teachers, teacher_sections(cfg))):
+            dtype = teacher_dtype(section.dtype, self.precision)
             if dtype != torch.float32:
-                self.teacher.cast(dtype)
-                log.info("teacher weights held in %s (teacher.dtype=%s)",
-                         str(dtype).removeprefix("torch."), cfg.teacher.dtype)
+                teacher.cast(dtype)
+                log.info("%s weights held in %s (%s.dtype=%s)", teacher_key(cfg, i),
+                         str(dtype).removeprefix("torch."), teacher_key(cfg, i), section.dtype)
         if cfg.train.compile:
             mode = cfg.train.compile_mode
             self.student_core.compile(mode=mode)
-            if self.teacher is not None:
-                self.teacher.model.compile(mode=mode)
+            for teacher in teachers:
+                teacher.model.compile(mode=mode)
             log.info("train.compile: student%s compiled (mode %s); the first steps compile",
-                     " and teacher" if self.teacher is not None else "", mode)
+                     " and teacher" + "s" * (len(teachers) > 1) if teachers else "", mode)
 
     def _build_features(self) -> FeatureDistiller:
         """The feature pairs, sized with one training image (an impossible pair fails here)."""
         cfg = self.cfg
-        if self.teacher is None:
+        if self.teachers is None:
             raise ConfigError("distill.features needs a teacher: set teacher.checkpoint or "
                               "teacher.pretrained=true")
         image = self.train_set[0][0][None].to(self.device)
         return FeatureDistiller(cfg.distill.features, cfg.distill.projector, self.student_core,
-                                self.teacher.model, self.student_norm(image),
-                                teacher_input(self.teacher, image, cfg.teacher.image_size),
-                                (cfg.student.name, cfg.teacher.name))
+                                [t.model for t in self.teachers], self.student_norm(image),
+                                self.teachers.inputs(image),
+                                (cfg.student.name, self.teachers.names))
 
     def _restore_stream_slots(self, saved: int | None) -> None:
         """A streamed split resumes exactly only with the readers that began its epoch."""
@@ -522,6 +525,7 @@ class Trainer:
         return {
             **{k: final.get(k) for k in ("student_top1", "student_top5", "teacher_top1",
                                          "agreement")},
+            "teachers": self._last_teachers,
             "teacher_top1_before": self.teacher_top1_before,
             "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
             "wall_s": round(wall_s, 3),
@@ -635,7 +639,10 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """Student top-1/top-5, teacher top-1 and student–teacher top-1 agreement on val."""
-        record = eval_record(self._val_counts(), self.step, epoch, self.task.teacher_predicts)
+        counts = self._val_counts()
+        self._last_teachers = teacher_results(self.task, counts)
+        record = eval_record(counts, self.step, epoch, self.task.teacher_predicts,
+                             self._last_teachers)
         self._last_eval = record
         return record
 
@@ -650,15 +657,15 @@ class Trainer:
         not run the teacher (``distill.loss=none``) and on resume (the number from the run's
         start is kept in its checkpoints).
         """
-        distill, num_classes = self.cfg.distill, self.cfg.data.num_classes
+        distill = self.cfg.distill
         if self.cache is not None:
             log.info("teacher check skipped: training from distill.teacher_cache (the teacher "
                      "is not built)")
             return None
         if self.teacher is None:  # labels only: nothing to check, nothing to say
             return None
-        skip = ("the teacher is headless (teacher.kwargs.num_classes=0): it has no classes "
-                "to check" if self.teacher.headless else
+        skip = ("the teacher is headless (kwargs.num_classes=0): it has no classes to check"
+                if not self.teachers.predicts else
                 "distill.check_teacher=false" if not distill.check_teacher else
                 "the teacher does not run in training (distill.loss=none)"
                 if not self.task.uses_teacher else
@@ -669,23 +676,36 @@ class Trainer:
                      f" (teacher top-1 before training was {before:.4f})")
             return before
         t0, rng = time.perf_counter(), _rng_state()
-        n, _, _, t1, _ = self._val_counts(student=False)
+        counts = self._val_counts(student=False)
         _set_rng_state(rng)  # iterating a loader draws a seed: training stays as without the check
-        top1 = self.teacher_top1_before = t1 / n
-        required = distill.require_teacher_top1
+        n = counts[0]
+        several = len(self.teachers) > 1
+        for i, result in enumerate(teacher_results(self.task, counts)):
+            if result["top1"] is not None:  # a headless teacher has no classes to check
+                self._check_teacher_top1(result["top1"], n, teacher_key(self.cfg, i) + (
+                    f" ({result['name']})" if several else ""), time.perf_counter() - t0)
+        self.teacher_top1_before = counts[3] / n
+        if several:
+            log.info("teachers' mixture top-1 before training: %.4f", self.teacher_top1_before)
+        return self.teacher_top1_before
+
+    def _check_teacher_top1(self, top1: float, n: float, who: str, seconds: float) -> None:
+        """Log one teacher's top-1 before training; stop below ``distill.require_teacher_top1``,
+        warn near chance."""
+        num_classes = self.cfg.data.num_classes
+        required = self.cfg.distill.require_teacher_top1
         if required is not None and top1 < required:  # the error line alone says it all
-            raise TeacherError(f"distill.require_teacher_top1={required}: the teacher's top-1 on "
+            raise TeacherError(f"distill.require_teacher_top1={required}: the {who}'s top-1 on "
                                f"the validation split is {top1:.4f} before training (chance "
                                f"{1 / num_classes:.4f}); likely causes: {TEACHER_CAUSES} (or "
                                f"lower distill.require_teacher_top1)")
-        log.info("teacher top-1 before training: %.4f on %d val images (chance %.4f; %.2f s)",
-                 top1, n, 1 / num_classes, time.perf_counter() - t0)
+        log.info("%s top-1 before training: %.4f on %d val images (chance %.4f; %.2f s)",
+                 who, top1, n, 1 / num_classes, seconds)
         if top1 < near_chance(num_classes) and self.dist.is_main:
-            log.warning("WARNING: the teacher's top-1 before training is %.4f, near chance "
+            log.warning("WARNING: the %s's top-1 before training is %.4f, near chance "
                         "(%.4f with data.num_classes=%d): distilling it teaches the student "
                         "noise. Likely causes: %s. Set distill.require_teacher_top1 to stop "
-                        "instead.", top1, 1 / num_classes, num_classes, TEACHER_CAUSES)
-        return top1
+                        "instead.", who, top1, 1 / num_classes, num_classes, TEACHER_CAUSES)
 
     # --------------------------------------------------------------------------- checkpoints
     def _best_so_far(self) -> float:

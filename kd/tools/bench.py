@@ -382,7 +382,7 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
         loops[LOGITS_ONLY] = make_kd_step(logits_only, images, targets)
         names.insert(2, LOGITS_ONLY)
 
-    flops = count_flops_safely(trainer.student_core, trainer.teacher,
+    flops = count_flops_safely(trainer.student_core, trainer.teachers,
                                *training_batch_inputs(trainer))
     mm_precision = matmul_precision(prec, dev)
     peaks = [measure_matmul_flops(mm_precision, dev)]
@@ -566,8 +566,8 @@ def live_step_bytes(trainer: Trainer, step: Callable[[], None]) -> int:
     held = [*module.parameters(), *module.buffers()]
     held += [t for state in trainer.optimizer.state.values() for t in state.values()
              if isinstance(t, torch.Tensor)]
-    if trainer.teacher is not None:
-        held += [*trainer.teacher.parameters(), *trainer.teacher.buffers()]
+    if trainer.teachers is not None:
+        held += [*trainer.teachers.parameters(), *trainer.teachers.buffers()]
     with LiveTensorBytes(exclude=held) as live:
         step()
     return live.peak

@@ -20,7 +20,6 @@ from kd.core.checkpoint import atomic_write_text, fsync_dir, save_weights, sha25
 from kd.core.dist import DistInfo, barrier
 from kd.core.models import build_teacher, check_model_input, teacher_dtype
 from kd.core.precision import autocast, resolve_precision
-from kd.core.task import teacher_input
 from kd.core.teacher_cache import (
     FORMAT,
     MANIFEST_FILE,
@@ -35,6 +34,7 @@ from kd.core.teacher_cache import (
     teacher_hash,
     top_k_rows,
 )
+from kd.core.teachers import teacher_input
 from kd.data.batch import BatchPreparer
 from kd.data.pipeline import Ranks, RunData
 from kd.data.sampler import TrainBatchSampler, epoch_order
@@ -71,6 +71,9 @@ class CacheBuilder:
                  out: Path) -> None:
         self.cfg, self.dist, self.epochs, self.out = cfg, info, epochs, out
         data = cfg.data
+        if cfg.teachers:
+            raise ConfigError(f"kd cache-teacher stores one teacher's logits, and the config "
+                              f"names {len(cfg.teachers)} teachers: unset teachers (set teacher)")
         if data.stream:
             raise ConfigError("kd cache-teacher needs an indexed training split (rows are "
                               "keyed by sample index); set data.stream=false")

@@ -14,14 +14,13 @@ from typing import Any
 
 import torch
 
-from kd.config import KDConfig
+from kd.config import KDConfig, teacher_key, teacher_sections
 from kd.core import checkpoint as ckpt
 from kd.core.dist import DistInfo
-from kd.core.evaluation import eval_record, val_counts
+from kd.core.evaluation import eval_record, teacher_results, val_counts
 from kd.core.models import (
     build_input_norm,
     build_student,
-    build_teacher,
     check_model_input,
     describe_mismatch,
     resolve_path,
@@ -29,6 +28,7 @@ from kd.core.models import (
 )
 from kd.core.precision import resolve_precision
 from kd.core.task import DistillationTask
+from kd.core.teachers import build_teachers
 from kd.data.pipeline import Ranks, RunData
 from kd.data.tuning import max_workers
 from kd.errors import UserError
@@ -67,26 +67,26 @@ def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path) -> dict
                         f"{mismatch}")
     student.load_state_dict(student_state)
     norm = build_input_norm(student, cfg.student.mean, cfg.student.std, "student")
-    teacher = None
+    teachers = None
     if not cfg.distill.teacher_cache or teacher_weights_here(cfg):
-        teacher = build_teacher(cfg.teacher, cfg.data.num_classes)
+        teachers = build_teachers(cfg)
     image = data.val_set[0][0][None]
     check_model_input(student, norm, image, section="student", name=cfg.student.name,
                       image_size=cfg.data.image_size, grey_to_rgb=cfg.data.grey_to_rgb)
-    if teacher is not None:
-        check_model_input(teacher.model, teacher.norm, image, section="teacher",
-                          name=cfg.teacher.name, image_size=cfg.data.image_size,
-                          teacher_image_size=cfg.teacher.image_size,
+    for i, (teacher, section) in enumerate(zip(teachers or [], teacher_sections(cfg))):
+        check_model_input(teacher.model, teacher.norm, image, section=teacher_key(cfg, i),
+                          name=section.name, image_size=cfg.data.image_size,
+                          teacher_image_size=section.image_size,
                           grey_to_rgb=cfg.data.grey_to_rgb)
-        teacher = teacher.to(device)
-        teacher.cast(teacher_dtype(cfg.teacher.dtype, precision))  # as training held it
+        teacher.cast(teacher_dtype(section.dtype, precision))  # as training held it
+    if teachers is not None:
+        teachers = teachers.to(device)
     student = student.to(device)
-    settings = cfg.distill if teacher is not None else dataclasses.replace(
-        cfg.distill, loss="none", teacher_cache=None)
-    task = DistillationTask(student, norm.to(device), teacher, settings,
-                            teacher_image_size=cfg.teacher.image_size,
-                            cached_teacher=teacher is None and settings.loss != "none")
+    settings = cfg.distill if teachers is not None else dataclasses.replace(
+        cfg.distill, loss="none", teacher_cache=None, features=[])
+    task = DistillationTask(student, norm.to(device), teachers, settings,
+                            cached_teacher=teachers is None and settings.loss != "none")
     counts = val_counts(task, data.val_loader(), device, precision, cfg.data.num_classes)
     step = int(state["step"])
     return eval_record(counts, step, round(step / max(1, data.steps_per_epoch)),
-                       task.teacher_predicts)
+                       task.teacher_predicts, teacher_results(task, counts))

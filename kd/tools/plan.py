@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd.config import KDConfig, OptimConfig
+from kd.config import KDConfig, OptimConfig, teacher_key, teacher_sections
 from kd.core.features import FeatureDistiller
 from kd.core.models import (
     FrozenTeacher,
@@ -58,7 +58,8 @@ from kd.core.models import (
 from kd.core.optim import build_optimizer
 from kd.core.precision import DTYPES, autocast
 from kd.core.strategy import deepspeed_bucket_size
-from kd.core.task import DistillationTask, teacher_input
+from kd.core.task import DistillationTask
+from kd.core.teachers import TeacherSet
 from kd.data.datasets import DigitsDataset
 from kd.errors import UserError, output_error
 from kd.tools.profiler import count_flops_safely, matmul_precision, table_peak, tensor_bytes
@@ -563,7 +564,7 @@ class PlanModels:
 
     student: torch.nn.Module
     student_norm: torch.nn.Module
-    teacher: torch.nn.Module | None
+    teacher: TeacherSet | None
     task: Any  # kd.core.task.DistillationTask
     cached: bool  # teacher logits come from distill.teacher_cache
 
@@ -589,32 +590,36 @@ def build_models(cfg: KDConfig, device: torch.device) -> PlanModels:
                       image_size=data.image_size, grey_to_rgb=data.grey_to_rgb)
     cached = bool(cfg.distill.teacher_cache)
     teacher = None
-    if not cached and (cfg.distill.loss != "none" or cfg.distill.features
+    if not cached and (cfg.distill.loss != "none" or cfg.distill.features or cfg.teachers
                        or cfg.teacher.checkpoint or cfg.teacher.pretrained):
-        # What build_teacher builds, without reading teacher.checkpoint or downloading weights.
-        kwargs = dict(cfg.teacher.kwargs)
-        model = create_timm_model(cfg.teacher.name, "teacher",
-                                  num_classes=kwargs.pop("num_classes", classes), **kwargs)
-        teacher_norm = build_input_norm(model, cfg.teacher.mean, cfg.teacher.std, "teacher")
-        check_model_input(model, teacher_norm, image, section="teacher", name=cfg.teacher.name,
-                          image_size=data.image_size, teacher_image_size=cfg.teacher.image_size,
-                          grey_to_rgb=data.grey_to_rgb)
-        teacher = FrozenTeacher(model, teacher_norm).to(device)
-        # Held as training holds it: bf16 weights under bf16 autocast (teacher.dtype=auto).
-        teacher.cast(teacher_dtype(cfg.teacher.dtype, plan_precision(cfg.train.precision)))
+        members = []
+        for i, section in enumerate(teacher_sections(cfg)):
+            # What build_teacher builds, without reading a checkpoint or downloading weights.
+            kwargs = dict(section.kwargs)
+            model = create_timm_model(section.name, teacher_key(cfg, i),
+                                      num_classes=kwargs.pop("num_classes", classes), **kwargs)
+            norm = build_input_norm(model, section.mean, section.std, teacher_key(cfg, i))
+            check_model_input(model, norm, image, section=teacher_key(cfg, i), name=section.name,
+                              image_size=data.image_size, teacher_image_size=section.image_size,
+                              grey_to_rgb=data.grey_to_rgb)
+            member = FrozenTeacher(model, norm).to(device)
+            # Held as training holds it: bf16 weights under bf16 autocast (dtype=auto).
+            member.cast(teacher_dtype(section.dtype, plan_precision(cfg.train.precision)))
+            members.append(member)
+        sections = teacher_sections(cfg)
+        teacher = TeacherSet(members, [getattr(s, "weight", 1.0) for s in sections],
+                             [s.image_size for s in sections], [s.name for s in sections])
     student = student.to(device).train()
     student_norm = student_norm.to(device)
     features = None
     if cfg.distill.features and teacher is not None:  # the projectors train with the student
         probe = image.to(device)
         features = FeatureDistiller(cfg.distill.features, cfg.distill.projector, student,
-                                    teacher.model, student_norm(probe),
-                                    teacher_input(teacher, probe, cfg.teacher.image_size),
-                                    (cfg.student.name, cfg.teacher.name))
+                                    [t.model for t in teacher], student_norm(probe),
+                                    teacher.inputs(probe), (cfg.student.name, teacher.names))
         student = features.student_module(student).to(device)
     task = DistillationTask(student, student_norm, teacher, cfg.distill,
-                            cfg.train.label_smoothing, teacher_image_size=cfg.teacher.image_size,
-                            cached_teacher=cached, features=features)
+                            cfg.train.label_smoothing, cached_teacher=cached, features=features)
     return PlanModels(student, student_norm, teacher, task, cached)
 
 
@@ -696,7 +701,7 @@ def measure_models(cfg: KDConfig, device: torch.device | None = None,
     teacher_tensors = [*teacher.parameters(), *teacher.buffers()] if teacher is not None else []
     return ModelMeasurement(
         student=cfg.student.name,
-        teacher=cfg.teacher.name if teacher is not None else None,
+        teacher=", ".join(teacher.names) if teacher is not None else None,
         teacher_runs=teacher is not None and built.task.uses_teacher,
         student_params=sum(p.numel() for p in student.parameters()),
         trainable_params=sum(p.numel() for p in trainable),
@@ -704,7 +709,8 @@ def measure_models(cfg: KDConfig, device: torch.device | None = None,
         gradient_bytes=tensor_bytes(trainable),
         teacher_params=sum(p.numel() for p in teacher.parameters()) if teacher else 0,
         teacher_bytes=tensor_bytes(teacher_tensors),
-        teacher_dtype=str(teacher.dtype).removeprefix("torch.") if teacher else "float32",
+        teacher_dtype=", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in teacher}))
+        if teacher else "float32",
         optimizer=str(cfg.optim.name),
         optimizer_bytes_per_param=bytes_per_param,
         activation_bytes_per_image=per_image,

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import DeviceType
 from torch.func import functional_call
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from kd.core.annotate import SMPROF_MODULE, import_smprof
@@ -171,15 +171,16 @@ def _stand_ins(module: torch.nn.Module, device: torch.device | str,
 
 
 def count_flops(student: nn.Module, teacher: nn.Module | None, x_student: torch.Tensor,
-                x_teacher: torch.Tensor | None, device: torch.device | str = "meta"
-                ) -> FlopCount:
+                x_teacher: Any, device: torch.device | str = "meta") -> FlopCount:
     """Teacher forward + student forward + backward FLOPs on one batch.
 
     Args:
         student: the (unwrapped) student, in training mode.
-        teacher: the frozen teacher, or None (labels only, or a teacher cache).
+        teacher: the frozen teacher(s) (:class:`~kd.core.teachers.TeacherSet`), or None
+            (labels only, or a teacher cache).
         x_student: a batch as the student takes it (normalised); FLOPs depend on its shape only.
-        x_teacher: the teacher's input for the same batch, or None.
+        x_teacher: the teacher's input for the same batch (a list with a ``TeacherSet``), or
+            None.
         device: where to count. The models run through ``torch.func.functional_call`` on
             stand-in tensors (the meta device by default: nothing is computed), so the
             training state is untouched. On meta, attention is counted through its matrix
@@ -194,7 +195,7 @@ def count_flops(student: nn.Module, teacher: nn.Module | None, x_student: torch.
     with FlopCounterMode(display=False) as counter:
         if x_teacher is not None and teacher is not None:
             functional_call(teacher, _stand_ins(teacher, device, False),
-                            (x_teacher.detach().to(device),))
+                            (tree_map(lambda t: t.detach().to(device), x_teacher),))
     counts.append(counter.get_total_flops())
     with FlopCounterMode(display=False) as counter:
         out = functional_call(student, _stand_ins(student, device, True), (x_student,))
@@ -208,7 +209,7 @@ def count_flops(student: nn.Module, teacher: nn.Module | None, x_student: torch.
 
 
 def count_flops_safely(student: nn.Module, teacher: nn.Module | None, x_student: torch.Tensor,
-                       x_teacher: torch.Tensor | None) -> FlopCount:
+                       x_teacher: Any) -> FlopCount:
     """:func:`count_flops` on the meta device, or on copies on the inputs' device when an
     operator has no meta implementation."""
     try:
@@ -219,7 +220,7 @@ def count_flops_safely(student: nn.Module, teacher: nn.Module | None, x_student:
         return count_flops(student, teacher, x_student, x_teacher, x_student.device)
 
 
-def training_batch_inputs(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor | None]:
+def training_batch_inputs(trainer: Trainer) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """A training batch's model inputs, for counting FLOPs: the first training image repeated
     ``data.batch_size`` times, normalised for the student and the teacher as training does."""
     image = trainer.train_set[0][0]
@@ -611,7 +612,7 @@ def rank_op_totals(ops: list[dict[str, Any]], ops_on: str, exclude: Iterable[str
 def _measure_before_training(trainer: Trainer) -> dict[str, Any]:
     """FLOPs per batch, the peak to compare with and memory baselines, before profiling."""
     device = trainer.device
-    flops = count_flops_safely(trainer.student_core, trainer.teacher,
+    flops = count_flops_safely(trainer.student_core, trainer.teachers,
                                *training_batch_inputs(trainer))
     precision = matmul_precision(trainer.precision, device)
     _barrier()  # ranks sharing a machine measure the peak together, as they will train
@@ -627,7 +628,7 @@ def _measure_before_training(trainer: Trainer) -> dict[str, Any]:
                   "images": flops.images, "counted_on": flops.device},
         "peak_flops": peak, "peak_source": source, "matmul_precision": precision,
         "bf16_speedup": bf16_speedup,
-        "tensors": model_bytes(trainer.student_core, trainer.teacher, trainer.optimizer),
+        "tensors": model_bytes(trainer.student_core, trainer.teachers, trainer.optimizer),
         "rss": psutil.Process().memory_info().rss,
     }
 
@@ -635,7 +636,7 @@ def _measure_before_training(trainer: Trainer) -> dict[str, Any]:
 def _memory(trainer: Trainer, baseline: dict[str, Any], samples: ResourceSamples
             ) -> dict[str, Any]:
     """Peak memory (the allocator's on a GPU, the sampled RSS on a CPU) and tensor bytes."""
-    memory: dict[str, Any] = model_bytes(trainer.student_core, trainer.teacher,
+    memory: dict[str, Any] = model_bytes(trainer.student_core, trainer.teachers,
                                          trainer.optimizer)
     if trainer.device.type == "cuda":
         memory.update(peak=int(torch.cuda.max_memory_allocated(trainer.device)),
@@ -655,7 +656,8 @@ def _run_meta(trainer: Trainer, settings: ProfileSettings, ops_on: str) -> dict[
     """What was profiled, where and how: the report's setup table."""
     cfg, info, device = trainer.cfg, trainer.dist, trainer.device
     return {
-        "student": cfg.student.name, "teacher": cfg.teacher.name if trainer.teacher else None,
+        "student": cfg.student.name,
+        "teacher": ", ".join(trainer.teachers.names) if trainer.teachers else None,
         "distill_loss": cfg.distill.loss, "image_size": cfg.data.image_size,
         "dataset": cfg.data.name, "batch_size": cfg.data.batch_size,
         "grad_accum_steps": cfg.train.grad_accum_steps, "precision": trainer.precision,

@@ -95,6 +95,13 @@ def row(id: str, args: tuple[str, ...] | Callable[[Env], list[str]], *mentions: 
 
 
 # ------------------------------------------------------------------------------ what rows build
+def tiny_entry(env: Env, extra_kwargs: str = "") -> str:
+    """The tiny teacher as an entry of ``teachers`` (tiny.yaml's teacher section)."""
+    kwargs = "img_size: 16, patch_size: 8, embed_dim: 48, depth: 1, num_heads: 2"
+    return (f"{{name: vit_tiny_patch16_224, checkpoint: {env.teacher}, kwargs: {{{kwargs}"
+            f"{', ' + extra_kwargs if extra_kwargs else ''}}}}}")
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -490,6 +497,16 @@ ROWS = [
         "'distill.loss'", "headless", "distill.loss=none"),
     row("projector-none-with-other-widths", ("distill.features=[{{}}]", "distill.projector=none"),
         "distill.projector=none", "32 student channels onto 48"),
+    row("feature-teacher-index-out-of-range", ("distill.features=[{{teacher_index: 1}}]",),
+        "'distill.features[0].teacher_index'", "1 teacher(s)"),
+    row("headless-teacher-named-by-no-pair", lambda env: env.train(
+        f"teachers=[{tiny_entry(env)}, {tiny_entry(env, 'num_classes: 0')}]"),
+        "'teachers[1].kwargs.num_classes'", "no pair"),
+    row("teachers-with-a-teacher-cache", ("teachers=[{{}}, {{}}]",
+                                          "distill.teacher_cache=/nonexistent"),
+        "'teachers'", "distill.teacher_cache"),
+    row("a-teacher-of-teachers-without-weights", lambda env: env.train(
+        f"teachers=[{tiny_entry(env)}, {{name: resnet10t}}]"), "teachers[1]", "checkpoint"),
     row("soft-without-teacher", ("teacher.checkpoint=null", "distill.loss=soft"),
         "distill.loss=soft", "teacher"),
     # Data.

@@ -85,3 +85,29 @@ def test_eval_and_export_of_a_feature_run_hold_the_student_alone(tiny_teacher: s
     record = json.loads((run.dir / "eval.json").read_text())
     assert record["teacher_top1"] is None and record["student_top1"] == run.summary[
         "student_top1"]
+
+
+def test_two_teachers_with_their_own_normalisation_and_image_size(
+        tiny_teacher: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The tiny ViT teacher (weight 2) and a CNN seeing a 32 px view with its own statistics:
+    the logit terms distil their mixture, a feature pair names the CNN, every teacher is checked
+    and evaluated, and summary.json lists them next to the mixture's top-1."""
+    cnn = timm.create_model("resnet10t", num_classes=4)
+    path = tmp_path / "resnet.safetensors"
+    save_file(cnn.state_dict(), str(path))
+    vit = ("{name: vit_tiny_patch16_224, checkpoint: " + tiny_teacher + ", weight: 2, kwargs: "
+           "{img_size: 16, patch_size: 8, embed_dim: 48, depth: 1, num_heads: 2}}")
+    other = ("{name: resnet10t, checkpoint: " + str(path) + ", image_size: 32, "
+             "mean: [0.4, 0.4, 0.4], std: [0.2, 0.25, 0.3]}")
+    with caplog.at_level("INFO", logger="kd"):
+        run = train_tiny(None, tmp_path / "run", f"teachers=[{vit}, {other}]",
+                         "distill.features=[{student: -1, teacher: 3, teacher_index: 1, "
+                         "tokens: pooled}]")
+    assert "teachers[0] (vit_tiny_patch16_224) top-1 before training" in caplog.text
+    assert "teachers[1] (resnet10t) top-1 before training" in caplog.text
+    assert "teachers' mixture top-1 before training" in caplog.text
+    teachers = run.summary["teachers"]
+    assert [t["name"] for t in teachers] == ["vit_tiny_patch16_224", "resnet10t"]
+    assert all(is_number(t["top1"]) for t in teachers) and is_number(run.summary["teacher_top1"])
+    assert run.val_records[-1]["teachers"] == teachers
+    assert all(is_number(r["loss_feat_0"]) for r in run.train_records)

@@ -144,7 +144,7 @@ def distiller(pairs: list[FeaturePairConfig], projector: str = "linear",
               teacher: torch.nn.Module | None = None) -> FeatureDistiller:
     teacher = teacher if teacher is not None else vit(embed_dim=24, patch_size=8)
     x = torch.randn(1, 3, 16, 16)
-    return FeatureDistiller(pairs, projector, vit(), teacher, x, x, ("s", "t"))
+    return FeatureDistiller(pairs, projector, vit(), [teacher], x, [x], ("s", ["t"]))
 
 
 def test_projectors_map_to_the_teachers_width_and_their_gradients_reach_the_student() -> None:
@@ -157,7 +157,7 @@ def test_projectors_map_to_the_teachers_width_and_their_gradients_reach_the_stud
     assert isinstance(student_out, WithFeatures)
     assert student_out.features[0].grid.shape == (4, 24, 4, 4)  # projected to 24 channels
     with torch.no_grad():
-        teacher_out = fd.teacher_tap(x)
+        teacher_out = fd.teacher_taps[0](x)
     terms = fd.terms(student_out.features, teacher_out.features)
     assert list(terms) == ["loss_feat_0", "loss_feat_1"]
     fd.weighted_sum(terms).backward()

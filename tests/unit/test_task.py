@@ -239,7 +239,7 @@ def test_prepare_shares_the_tensor_when_norms_match() -> None:
     task = make_task("soft", teacher_norm=HALF)
     assert task.share_input
     images, _ = batch()
-    x_s, x_t = task.prepare(images)
+    x_s, (x_t,) = task.prepare(images)  # one input per teacher
     assert x_t is x_s
     close(x_s, (images.float() / 255 - 0.5) / 0.5)
 
@@ -248,13 +248,13 @@ def test_prepare_normalises_separately_when_norms_differ() -> None:
     task = make_task("soft", teacher_norm=IMAGENET)
     assert not task.share_input
     images, _ = batch()
-    x_s, x_t = task.prepare(images)
+    x_s, (x_t,) = task.prepare(images)
     assert x_t is not x_s
     close(x_s, (images.float() / 255 - 0.5) / 0.5)
     mean = torch.tensor(IMAGENET[0]).view(3, 1, 1)
     std = torch.tensor(IMAGENET[1]).view(3, 1, 1)
     close(x_t, (images.float() / 255 - mean) / std)
-    t = task.teacher_forward(x_t)
+    t = task.teacher_forward([x_t])
     assert task.teacher is not None
     close(t, task.teacher.model(x_t))
 
