@@ -111,3 +111,31 @@ def test_two_teachers_with_their_own_normalisation_and_image_size(
     assert all(is_number(t["top1"]) for t in teachers) and is_number(run.summary["teacher_top1"])
     assert run.val_records[-1]["teachers"] == teachers
     assert all(is_number(r["loss_feat_0"]) for r in run.train_records)
+
+
+def test_mixed_batches_reach_both_models_and_the_profile_has_a_range_per_term(
+        tiny_teacher: str, tmp_path: Path) -> None:
+    """With Mixup/CutMix the feature pairs compare the same mixed images; kd profile shows each
+    feature term as its own range."""
+    from kd.tools.profiler import ProfileSettings, run_profile
+
+    cfg = tiny_config(tiny_teacher, tmp_path, PAIRS, "data.mixup=0.8", "data.cutmix=1.0")
+    trainer = Trainer(cfg)
+    seen: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    prepare = trainer.task.prepare
+
+    def spy(images: torch.Tensor):
+        x_student, x_teachers = prepare(images)
+        seen.append((images.clone(), x_teachers))
+        return x_student, x_teachers
+
+    trainer.task.prepare = spy
+    analysis = run_profile(trainer, tmp_path / "profile", ProfileSettings(wait=0, warmup=1,
+                                                                        active=2))
+    images, (x_teacher,) = seen[0]
+    assert not torch.equal(images, torch.zeros_like(images))
+    torch.testing.assert_close(x_teacher, trainer.teacher.norm(images))  # the mixed batch
+    names = {row["name"] for rank in json.loads(
+        (tmp_path / "profile" / "profile.json").read_text())["ranks"] for row in rank["ops"]}
+    assert {"loss_feat_0", "loss_feat_1"} <= names, sorted(names)[:20]
+    assert analysis is not None

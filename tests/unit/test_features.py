@@ -194,3 +194,24 @@ def test_a_headless_teacher_loads_a_checkpoint_with_a_head(tmp_path, caplog) -> 
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(teacher(x), donor.forward_head(donor.forward_features(x),
                                                               pre_logits=True))
+
+
+@pytest.mark.parametrize("name, kwargs, prefix", [
+    ("deit_tiny_distilled_patch16_224", {}, 2),  # class and distillation tokens
+    ("vit_tiny_patch16_224", {"reg_tokens": 4}, 5),  # class and 4 register tokens
+    ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, 0),
+])
+def test_prefix_tokens_of_every_kind_split_from_the_grid(name: str, kwargs: dict,
+                                                         prefix: int) -> None:
+    model = timm.create_model(name, img_size=16, patch_size=4, embed_dim=16, depth=2,
+                              num_heads=2, num_classes=5, **kwargs).eval()
+    x = torch.randn(2, 3, 16, 16)
+    by_index = LayerTap(model, [-1], "teacher", name)(x).features[0]
+    by_path = LayerTap(model, ["blocks.1"], "teacher", name)(x).features[0]
+    for tokens in (by_index, by_path):
+        assert tokens.grid.shape == (2, 16, 4, 4)
+        assert (tokens.prefix.shape[1] if tokens.prefix is not None else 0) == prefix
+    torch.testing.assert_close(by_index.grid, by_path.grid)
+    student = Tokens(torch.randn(2, 16, 2, 2), torch.randn(2, 1, 16))
+    s, t = align(student, by_index, "all")  # only the class token joins the patches
+    assert s.shape == t.shape == (2, 4 + (1 if prefix else 0), 16)
