@@ -163,8 +163,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-kwargs", metavar="YAML", help="as --teacher-kwargs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a speed option for kd's Trainer only (train.compile, "
-                   "train.compile_mode, teacher.dtype, optim.zero, train.log_phases; "
-                   "repeatable): the plain loop in the same run is the control")
+                   "train.compile_mode, teacher.dtype, optim.zero, train.log_phases, "
+                   "student.grad_checkpointing; repeatable): the plain loop in the same run is "
+                   "the control; or distill.features / distill.projector, which kd's step "
+                   "is then also timed without")
     p.add_argument("--json", metavar="FILE", help="write every number and the machine here")
 
 

@@ -64,6 +64,10 @@ class StudentConfig:
         None, "Per-channel input mean; null takes the model's pretrained config.")
     std: list[float] | None = _field(
         None, "Per-channel input std; null takes the model's pretrained config.")
+    grad_checkpointing: bool = _field(
+        False, "Activation checkpointing (timm's `set_grad_checkpointing`): each block's "
+        "activations are recomputed in the backward pass instead of kept, for less memory per "
+        "image and a slower step (both measured in the README).")
 
     @property
     def channels(self) -> int:
@@ -269,6 +273,10 @@ class OptimConfig:
     zero: bool = _field(
         False, "Shard optimizer state across ranks with PyTorch's ZeroRedundancyOptimizer (same "
         "optimizer class and parameter groups); no effect in a single process.")
+    layer_decay: float | None = _field(
+        None, "Layer-wise learning-rate decay d in (0, 1] (timm's `layer_decay`, as in BEiT and "
+        "DeiT III fine-tuning): the block at depth k of L learns at lr · d^(L − k), the head at "
+        "lr; null: off. Needs a student timm can group by layer (`group_matcher`).")
 
 
 @dataclass
@@ -298,6 +306,9 @@ class TrainConfig:
     grad_accum_steps: int = _field(1, "Micro-batches per optimizer step.")
     label_smoothing: float = _field(0.0, "Label smoothing of the task (cross-entropy) term.")
     log_every: int = _field(50, "Optimizer steps between log lines / metrics records.")
+    log_lr_groups: bool = _field(
+        False, "At each log step, also record every parameter group's learning rate "
+        "(`lr_group_<i>`; with `optim.layer_decay` they differ by layer).")
     log_phases: bool = _field(
         False, "At each log step, also print a timing line: `iter N`, then the mean seconds per "
         "step of data, teacher, forward, backward and optim since the previous log step, and "
@@ -793,6 +804,8 @@ def _validate_distill(d: DistillConfig) -> None:
 def _validate_optim(o: OptimConfig) -> None:
     _check_signs("optim", o, positive=["lr"], optional_positive=["grad_clip"],
                  non_negative=["weight_decay"])
+    _check(o.layer_decay is None or 0 < o.layer_decay <= 1, "optim.layer_decay", o.layer_decay,
+           "a factor in (0, 1], or null")
 
 
 def _validate_sched(s: SchedConfig) -> None:

@@ -413,9 +413,21 @@ def describe_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch
 
 
 def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
-    """The trainable student: ``timm.create_model(cfg.name, num_classes=..., **cfg.kwargs)``."""
-    return create_timm_model(cfg.name, "student", pretrained=cfg.pretrained,
-                             num_classes=num_classes, **dict(cfg.kwargs))
+    """The trainable student: ``timm.create_model(cfg.name, num_classes=..., **cfg.kwargs)``,
+    with timm's activation checkpointing when ``student.grad_checkpointing``."""
+    model = create_timm_model(cfg.name, "student", pretrained=cfg.pretrained,
+                              num_classes=num_classes, **dict(cfg.kwargs))
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"student.grad_checkpointing: timm's {cfg.name} has no "
+                              f"set_grad_checkpointing; set student.grad_checkpointing=false")
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as e:
+            raise ConfigError(f"student.grad_checkpointing: timm's {cfg.name} cannot checkpoint "
+                              f"its activations ({str(e) or type(e).__name__}); set "
+                              f"student.grad_checkpointing=false") from None
+    return model
 
 
 class FrozenTeacher(nn.Module):

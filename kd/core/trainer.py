@@ -622,8 +622,12 @@ class Trainer:
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
             "loss": v[0], "loss_task": v[1], "loss_kd": v[2],
             **{name: v[4 + i] for i, name in enumerate(extra)},
-            "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
+            # The schedule's value: the largest group's (layer decay scales the others down).
+            "lr": max(g["lr"] for g in self.optimizer.param_groups), "img_per_s": img_per_s,
         }
+        if self.cfg.train.log_lr_groups:
+            record.update({f"lr_group_{i}": g["lr"]
+                           for i, g in enumerate(self.optimizer.param_groups)})
         record["grad_norm"] = v[3]
         phases = 4 + len(extra)
         record.update({PHASE_KEYS[p]: v[phases + i] for i, p in enumerate(PHASES)})

@@ -541,7 +541,7 @@ def print_table(result: dict[str, Any]) -> None:
 # What ``--set`` may change: options of how kd runs the same step. Anything else (batch, mixing,
 # accumulation, losses, models) would make kd's step other work than the other loops' steps.
 SPEED_OPTIONS = ("train.compile", "train.compile_mode", "teacher.dtype", "optim.zero",
-                 "train.log_phases")
+                 "train.log_phases", "student.grad_checkpointing")
 # Options that add work to kd's step (feature pairs): with one of them, kd's step is also timed
 # without them, in the same rounds (the ``kd, logits only`` row), which measures their cost.
 WORK_OPTIONS = ("distill.features", "distill.projector")

@@ -139,3 +139,26 @@ def test_mixed_batches_reach_both_models_and_the_profile_has_a_range_per_term(
         (tmp_path / "profile" / "profile.json").read_text())["ranks"] for row in rank["ops"]}
     assert {"loss_feat_0", "loss_feat_1"} <= names, sorted(names)[:20]
     assert analysis is not None
+
+
+def test_layer_decay_groups_are_logged_on_request(tiny_teacher: str, tmp_path: Path) -> None:
+    """tiny.yaml's student has 1 block: patch embedding, block and head learn at lr · d², lr · d
+    and lr; ``lr`` is the schedule's value (the head's)."""
+    run = train_tiny(tiny_teacher, tmp_path / "run", "optim.layer_decay=0.5",
+                     "train.log_lr_groups=true")
+    for r in run.train_records:
+        groups = sorted({v for k, v in r.items() if k.startswith("lr_group_")})
+        assert groups == pytest.approx([r["lr"] / 4, r["lr"] / 2, r["lr"]])
+
+
+def test_activation_checkpointing_trains_the_same_student(tiny_teacher: str,
+                                                          tmp_path: Path) -> None:
+    """Recomputing each block's activations in the backward pass changes memory and time, not
+    the maths: the same losses and weights as without it."""
+    plain = train_tiny(tiny_teacher, tmp_path / "plain", PAIRS)
+    ckpt = train_tiny(tiny_teacher, tmp_path / "ckpt", PAIRS, "student.grad_checkpointing=true")
+    for a, b in zip(plain.train_records, ckpt.train_records, strict=True):
+        for key in ("loss", "loss_task", "loss_kd", "loss_feat_0", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    for name, tensor in plain.weights.items():
+        torch.testing.assert_close(ckpt.weights[name], tensor, rtol=1e-5, atol=1e-6)

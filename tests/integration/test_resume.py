@@ -89,6 +89,7 @@ PARITY_CASES = {
     "feature-pairs": (4, 13, 12, ["distill.features=[{student: 0, teacher: 0}, {student: -1, "
                                   "teacher: blocks.0.mlp, loss: mse, tokens: pooled}]",
                                   "distill.projector=mlp"]),
+    "layer-decay": (4, 13, 12, ["optim.layer_decay=0.5", "train.log_lr_groups=true"]),
 }
 
 

@@ -122,15 +122,16 @@ def test_smddp_path_under_mpi_variables(base, reference, tmp_path):
 
 
 FEATURES = ["distill.features=[{student: 0, teacher: 0}, {student: -1, teacher: -1, loss: mse, "
-            "tokens: pooled, weight: 0.5}]"]
+            "tokens: pooled, weight: 0.5}]", "optim.layer_decay=0.6"]
 
 
 @pytest.mark.parametrize("strategy", [["optim.zero=true"],
                                       ["dist.strategy=deepspeed", "dist.zero_stage=2"]],
                          ids=["ddp-zero", "deepspeed-2"])
-def test_feature_pairs_in_two_processes_match_one(base, tmp_path, strategy):
+def test_feature_pairs_and_layer_decay_in_two_processes_match_one(base, tmp_path, strategy):
     """The projectors live in the module the strategy wraps: synchronised and sharded like the
-    student, so two processes train the same student (and projectors) as one."""
+    student, so two processes train the same student (and projectors) as one; the layer-decay
+    groups (optim.layer_decay) survive ZeRO's and DeepSpeed's sharding."""
     if "dist.strategy=deepspeed" in strategy:
         pytest.importorskip("deepspeed", reason="the deepspeed extra is part of .[dev]")
     one, two = tmp_path / "one", tmp_path / "two"

@@ -316,3 +316,12 @@ def test_feature_pairs_count_their_projectors_and_memory() -> None:
     headless = measure_models(load_config(TINY, [
         "teacher.kwargs.num_classes=0", "distill.loss=none", "distill.features=[{}]"]), cpu)
     assert headless.teacher_params < logits.teacher_params  # no classifier
+
+
+def test_activation_checkpointing_lowers_the_measured_activations() -> None:
+    cpu = torch.device("cpu")
+    kept = measure_models(load_config(TINY, ["student.kwargs.depth=4"]), cpu)
+    recomputed = measure_models(load_config(TINY, ["student.kwargs.depth=4",
+                                                   "student.grad_checkpointing=true"]), cpu)
+    assert recomputed.activation_bytes_per_image < kept.activation_bytes_per_image
+    assert recomputed.student_params == kept.student_params
