@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the student as timm-loadable safetensors")
     _add_checkpoint_args(p)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--ema", action="store_true", help="export the EMA of the student "
+                   "(train.ema_decay) instead of the student")
     p = sub.add_parser("profile", help="profile a short training run and write a report "
                        "(traces, report.md, report.html)")
     _add_config_args(p)
@@ -197,6 +199,8 @@ def _print_results(summary: dict[str, Any]) -> None:
     table.add_row("teacher top-1", pct(summary.get("teacher_top1")))
     table.add_row("student top-1", pct(summary.get("student_top1")))
     table.add_row("student top-5", pct(summary.get("student_top5")))
+    if summary.get("student_ema_top1") is not None:
+        table.add_row("student EMA top-1", pct(summary.get("student_ema_top1")))
     table.add_row("agreement (top-1)", pct(summary.get("agreement")))
     if "steps" in summary:
         table.add_row("steps", str(summary["steps"]))
@@ -257,8 +261,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_student(_find_checkpoint(args), args.out)
-    print(f"exported the student to {out}")
+    out = export_student(_find_checkpoint(args), args.out, ema=args.ema)
+    print(f"exported the student{' (EMA)' if args.ema else ''} to {out}")
     return 0
 
 

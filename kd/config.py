@@ -306,6 +306,14 @@ class TrainConfig:
     grad_accum_steps: int = _field(1, "Micro-batches per optimizer step.")
     label_smoothing: float = _field(0.0, "Label smoothing of the task (cross-entropy) term.")
     log_every: int = _field(50, "Optimizer steps between log lines / metrics records.")
+    ema_decay: float | None = _field(
+        None, "Keep an exponential moving average of the student's weights (timm's "
+        "`ModelEmaV3`), updated on the device after every optimizer step, e.g. 0.9998; "
+        "evaluated next to the student (`student_ema_top1`, `student_ema_top5`), saved in "
+        "checkpoints, exported with `kd export --ema`. null: off.")
+    ema_warmup: bool = _field(
+        False, "timm's EMA warm-up: the decay grows as 1 − (1 + step)^(−2/3) up to "
+        "`train.ema_decay`, so early averages are not dominated by the random start.")
     log_lr_groups: bool = _field(
         False, "At each log step, also record every parameter group's learning rate "
         "(`lr_group_<i>`; with `optim.layer_decay` they differ by layer).")
@@ -336,6 +344,9 @@ class CheckpointConfig:
     resume: str = _field(
         "auto", "`auto`: resume from the latest checkpoint in `output_dir` if any; `none`: "
         "start fresh; or a checkpoint directory path.")
+    best_metric: str = _field(
+        "student_top1", "What makes a checkpoint the best (kept by pruning, `--best`): "
+        "`student_top1`, or `student_ema_top1` (needs `train.ema_decay`).")
 
 
 @dataclass
@@ -384,6 +395,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.loss": ("none", "soft", "hard", "token", "dkd"),
     "distill.token_loss": ("soft", "hard"),
     "distill.projector": ("linear", "mlp", "none"),
+    "checkpoint.best_metric": ("student_top1", "student_ema_top1"),
     "sched.name": ("cosine", "tanh", "poly", "none"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -822,9 +834,12 @@ def _validate_train(t: TrainConfig) -> None:
            "must be in [0, 1)")
     _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps,
            "must be >= 0 (0: never stop)")
+    _check(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay,
+           "a decay in (0, 1), e.g. 0.9998, or null")
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _check_choices("checkpoint", c)
     _check_signs("checkpoint", c, positive=["keep"], non_negative=["every_steps"])
 
 
@@ -887,6 +902,9 @@ def check_combinations(cfg: KDConfig) -> None:
         _check(cfg.train.precision != "fp16", "train.precision", cfg.train.precision,
                "dist.strategy=deepspeed runs kd's bf16 or fp32 autocast")
     _check_teachers(cfg)
+    _check(cfg.checkpoint.best_metric != "student_ema_top1" or cfg.train.ema_decay is not None,
+           "checkpoint.best_metric", cfg.checkpoint.best_metric,
+           "student_ema_top1 needs train.ema_decay (the EMA of the student)")
     if cfg.teachers:
         _check(not cfg.distill.teacher_cache, "teachers", f"{len(cfg.teachers)} teachers",
                "distill.teacher_cache holds one teacher's logits: unset one of them")

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from kd.core.dist import all_reduce_sum
 from kd.core.precision import autocast
@@ -16,10 +17,12 @@ from kd.core.task import DistillationTask
 @torch.no_grad()
 def val_counts(task: DistillationTask, loader: Iterable, device: torch.device, precision: str,
                num_classes: int, *, student: bool = True,
-               on_bad: Callable[[list[str]], None] | None = None) -> list[float]:
+               on_bad: Callable[[list[str]], None] | None = None,
+               ema: nn.Module | None = None) -> list[float]:
     """One pass over ``loader``, summed over ranks (so every rank gets the same numbers):
-    images, student top-1, student top-5, the teachers' (mixture) top-1, agreement, then each
-    teacher's top-1 (hits, not fractions).
+    images, student top-1, student top-5, the teachers' (mixture) top-1, agreement, each
+    teacher's top-1, then, with ``ema`` (the student's EMA), its top-1 and top-5 (hits, not
+    fractions).
 
     ``student=False`` runs the teachers alone (the student's counts stay 0). ``on_bad`` is told
     of the unreadable samples a batch replaced. The student is in eval mode during the pass and
@@ -31,7 +34,7 @@ def val_counts(task: DistillationTask, loader: Iterable, device: torch.device, p
     k = min(5, num_classes)
     n_teachers = len(task.teachers) if task.teachers is not None else 0
     # n, student top1, top5, teachers' top1, agreement, each teacher's top1
-    counts = torch.zeros(5 + n_teachers, device=device)
+    counts = torch.zeros(5 + n_teachers + (2 if ema is not None else 0), device=device)
     try:
         for images, targets, bad in loader:
             if bad and on_bad is not None:
@@ -54,6 +57,12 @@ def val_counts(task: DistillationTask, loader: Iterable, device: torch.device, p
             for i, logits in enumerate(each if n_teachers > 1 else []):
                 if logits is not None:
                     counts[5 + i] += (logits.float().argmax(-1) == targets).sum()
+            if ema is not None:
+                with autocast(device, precision):
+                    e = ema(task.student_norm(images))
+                top = e.float().topk(k, dim=-1).indices
+                counts[5 + n_teachers] += (top[:, 0] == targets).sum()
+                counts[6 + n_teachers] += (top == targets[:, None]).any(dim=-1).sum()
     finally:
         core.train(was_training)
     counts = all_reduce_sum(counts).tolist()
@@ -72,7 +81,8 @@ def teacher_results(task: DistillationTask, counts: list[float]) -> list[dict[st
 
 
 def eval_record(counts: list[float], step: int, epoch: int, has_teacher: bool,
-                teachers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                teachers: list[dict[str, Any]] | None = None, ema: bool = False
+                ) -> dict[str, Any]:
     """The ``metrics.jsonl`` record of an evaluation from :func:`val_counts`: the student's
     top-1/top-5, the teachers' (mixture) top-1 and agreement, and, with several teachers,
     ``teachers`` (each one's name and top-1)."""
@@ -83,4 +93,8 @@ def eval_record(counts: list[float], step: int, epoch: int, has_teacher: bool,
               "agreement": agree / n if has_teacher else None}
     if teachers is not None and len(teachers) > 1:
         record["teachers"] = teachers
+    if ema:  # counts of the student's EMA follow the teachers'
+        n_teachers = len(teachers or [])
+        record["student_ema_top1"] = counts[5 + n_teachers] / n
+        record["student_ema_top5"] = counts[6 + n_teachers] / n
     return record

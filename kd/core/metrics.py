@@ -99,6 +99,8 @@ class ConsoleSink:
             if record.get("teacher_top1") is not None:
                 msg += (f" | teacher top-1 {record['teacher_top1']:.4f} | agreement "
                         f"{record['agreement']:.4f}")
+            if record.get("student_ema_top1") is not None:
+                msg += f" | EMA top-1 {record['student_ema_top1']:.4f}"
             self._print(msg)
             return
         loss, task, kd = (_num(record.get(k)) for k in ("loss", "loss_task", "loss_kd"))

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from kd.config import KDConfig, teacher_key, teacher_sections, to_yaml
@@ -251,6 +252,9 @@ class Trainer:
                                        micro_batch=cfg.data.batch_size,
                                        grad_accum_steps=tc.grad_accum_steps)
         self.optimizer = self.strategy.optimizer
+        # The student's EMA (train.ema_decay): of the unwrapped student, on its device.
+        self.ema = ModelEmaV3(self.student_core, decay=tc.ema_decay,
+                              use_warmup=tc.ema_warmup) if tc.ema_decay is not None else None
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
         # 5. Task: forward passes and loss terms.
         # With Mixup/CutMix, label smoothing is applied to the mixed targets by Mixup itself
@@ -397,6 +401,11 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not fit student.name/student.kwargs: "
                             f"{mismatch}")
         self._load_projectors(state, path)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise UserError(f"checkpoint {path} holds no EMA of the student (it was written "
+                                f"without train.ema_decay): resume it without train.ema_decay")
+            self.ema.module.load_state_dict(state["ema"])
         try:
             self.student_core.load_state_dict(student_state)
             self.strategy.load_state_dict(state, path)
@@ -525,6 +534,8 @@ class Trainer:
         return {
             **{k: final.get(k) for k in ("student_top1", "student_top5", "teacher_top1",
                                          "agreement")},
+            **({k: final.get(k) for k in ("student_ema_top1", "student_ema_top5")}
+               if self.ema is not None else {}),
             "teachers": self._last_teachers,
             "teacher_top1_before": self.teacher_top1_before,
             "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
@@ -571,6 +582,8 @@ class Trainer:
                 totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
         with timer.phase("optimizer"):
             totals["skipped"], totals["grad_norm"] = self.optimizer_step(totals["loss"])
+            if self.ema is not None:  # on the device; the decay is a host number of the step
+                self.ema.update(self.student_core, step=self.step + 1)
         self.step += 1
         return totals
 
@@ -639,14 +652,15 @@ class Trainer:
     # --------------------------------------------------------------------------- evaluation
     def _val_counts(self, student: bool = True) -> list[float]:
         return val_counts(self.task, self.val_loader, self.device, self.precision,
-                          self.cfg.data.num_classes, student=student, on_bad=self._count_bad)
+                          self.cfg.data.num_classes, student=student, on_bad=self._count_bad,
+                          ema=self.ema.module if self.ema is not None and student else None)
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """Student top-1/top-5, teacher top-1 and student–teacher top-1 agreement on val."""
         counts = self._val_counts()
         self._last_teachers = teacher_results(self.task, counts)
         record = eval_record(counts, self.step, epoch, self.task.teacher_predicts,
-                             self._last_teachers)
+                             self._last_teachers, ema=self.ema is not None)
         self._last_eval = record
         return record
 
@@ -715,23 +729,25 @@ class Trainer:
     def _best_so_far(self) -> float:
         """The best student top-1 among this run's checkpoints (rank 0's view, on every rank)."""
         best = self.checkpoints.best() if self.dist.is_main else None
-        value = [float(best["student_top1"]) if best else float("-inf")]
+        metric = self.cfg.checkpoint.best_metric
+        value = [float(best[metric]) if best and metric in best else float("-inf")]
         if self.dist.is_distributed:
             dist.broadcast_object_list(value, src=0)
         return value[0]
 
     def _keep_if_best(self) -> None:
-        """After an evaluation: a new best student top-1 gets a checkpoint that pruning keeps
-        (``checkpoint.keep`` newest plus the best). Every rank calls it; they agree, since the
-        evaluation's numbers are all-reduced."""
-        top1 = self._last_eval.get("student_top1")
+        """After an evaluation: a new best ``checkpoint.best_metric`` gets a checkpoint that
+        pruning keeps (``checkpoint.keep`` newest plus the best). Every rank calls it; they
+        agree, since the evaluation's numbers are all-reduced."""
+        metric = self.cfg.checkpoint.best_metric
+        top1 = self._last_eval.get(metric)
         if top1 is None or top1 <= self._best_top1:
             return
         if self._saved_step != self.step:
             self.save_checkpoint()
         self._best_top1 = top1
         if self.dist.is_main:
-            self.checkpoints.mark_best(self.step, "student_top1", top1)
+            self.checkpoints.mark_best(self.step, metric, top1)
 
     def _projector_state(self) -> dict[str, Any]:
         """The feature pairs' projectors, saved beside the student (``student.safetensors``
@@ -761,6 +777,8 @@ class Trainer:
                  "stream_slots": getattr(self.train_loader.batch_sampler, "slots", None),
                  "teacher_top1_before": self.teacher_top1_before,
                  **self._projector_state(),
+                 **({"ema": {k: v.detach().cpu() for k, v in
+                             self.ema.module.state_dict().items()}} if self.ema else {}),
                  **self.skips.state(),
                  **self.strategy.state_dict()}
         if self.dist.is_distributed:

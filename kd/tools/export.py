@@ -22,14 +22,20 @@ from pathlib import Path
 from kd.config import load_config
 from kd.core import checkpoint as ckpt
 from kd.core.models import build_input_norm, build_student, describe_mismatch
-from kd.errors import CheckpointError, output_error
+from kd.errors import CheckpointError, UserError, output_error
 
 
-def export_student(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the checkpoint's student to ``out`` (replaced atomically); returns ``out``."""
+def export_student(checkpoint: str | Path, out: str | Path, ema: bool = False) -> Path:
+    """Write the checkpoint's student (its EMA with ``ema``) to ``out`` (replaced atomically);
+    returns ``out``."""
     import timm.models
 
-    student_state, _, config_yaml = ckpt.load(checkpoint)
+    student_state, state, config_yaml = ckpt.load(checkpoint)
+    if ema:
+        if "ema" not in state:
+            raise UserError(f"--ema: checkpoint {checkpoint} holds no EMA of the student (its "
+                            f"run had no train.ema_decay); export without --ema")
+        student_state = state["ema"]
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"

@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd.config import KDConfig, OptimConfig, teacher_key, teacher_sections
-from kd.core.features import FeatureDistiller
+from kd.core.features import FeatureDistiller, FeatureStudent
 from kd.core.models import (
     FrozenTeacher,
     build_input_norm,
@@ -293,6 +293,7 @@ class ModelMeasurement:
     precision: str  # autocast precision of the measurement (the plan's)
     device: str
     teacher_dtype: str = "float32"  # of the teacher's weights (teacher.dtype)
+    ema_bytes: int = 0  # the student's EMA (train.ema_decay): a copy of its weights and buffers
 
     @property
     def flops_per_image(self) -> float:
@@ -357,6 +358,8 @@ def memory_per_gpu(m: ModelMeasurement, setup: TrainingSetup, world_size: int, s
                                                  world_size, sharded),
         "teacher_weights": float(m.teacher_bytes),
     }
+    if m.ema_bytes:
+        rows["ema_weights"] = float(m.ema_bytes)
     if setup.strategy == "deepspeed":
         # Only DeepSpeed's column: the one without ZeRO is what DDP would hold.
         rows["deepspeed_buffers"] = sum(deepspeed_buffer_bytes(
@@ -686,6 +689,7 @@ def measure_models(cfg: KDConfig, device: torch.device | None = None,
     precision = plan_precision(cfg.train.precision)
     built = build_models(cfg, device)
     student, teacher = built.student, built.teacher
+    core = student.student if isinstance(student, FeatureStudent) else student
     trainable = [p for p in student.parameters() if p.requires_grad]
     peaks = tuple(activation_peak(built, cfg, b, device, precision) for b in batches)
     (b1, b2), (p1, p2) = batches, peaks
@@ -722,6 +726,8 @@ def measure_models(cfg: KDConfig, device: torch.device | None = None,
         flops_backward=float(flops.backward / flops.images),
         precision=precision,
         device=device.type,
+        ema_bytes=tensor_bytes([*core.parameters(), *core.buffers()])
+        if cfg.train.ema_decay is not None else 0,
     )
 
 
@@ -782,6 +788,8 @@ def print_plan(plan: dict[str, Any], console: Any = None) -> None:
          f"{DTYPE_NAMES.get(m['teacher_dtype'], m['teacher_dtype'])}, frozen" if m["teacher"]
          else "no teacher in memory"),
     ]
+    if "ema_weights" in w:
+        rows.append(("student EMA", "ema_weights", "train.ema_decay: fp32 copy, every rank"))
     if "deepspeed_buffers" in w:
         ds = s["deepspeed_buffers"]
         rows.append(("DeepSpeed buffers", "deepspeed_buffers",

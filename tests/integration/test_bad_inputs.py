@@ -497,6 +497,10 @@ ROWS = [
         "'distill.loss'", "headless", "distill.loss=none"),
     row("projector-none-with-other-widths", ("distill.features=[{{}}]", "distill.projector=none"),
         "distill.projector=none", "32 student channels onto 48"),
+    row("ema-decay-above-one", ("train.ema_decay=1.5",), "'train.ema_decay'", "(0, 1)"),
+    row("best-metric-ema-without-ema", ("checkpoint.best_metric=student_ema_top1",),
+        "'checkpoint.best_metric'", "train.ema_decay"),
+    row("layer-decay-negative", ("optim.layer_decay=-0.5",), "'optim.layer_decay'", "(0, 1]"),
     row("feature-teacher-index-out-of-range", ("distill.features=[{{teacher_index: 1}}]",),
         "'distill.features[0].teacher_index'", "1 teacher(s)"),
     row("headless-teacher-named-by-no-pair", lambda env: env.train(

@@ -162,3 +162,26 @@ def test_activation_checkpointing_trains_the_same_student(tiny_teacher: str,
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     for name, tensor in plain.weights.items():
         torch.testing.assert_close(ckpt.weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_the_students_ema_is_evaluated_kept_as_best_and_exported(tiny_teacher: str,
+                                                                 tmp_path: Path) -> None:
+    from kd.cli import main
+
+    run = train_tiny(tiny_teacher, tmp_path / "run", "train.ema_decay=0.9",
+                     "checkpoint.best_metric=student_ema_top1")
+    for record in run.val_records:
+        assert is_number(record["student_ema_top1"]) and is_number(record["student_ema_top5"])
+    assert run.summary["student_ema_top1"] == run.val_records[-1]["student_ema_top1"]
+    best = json.loads((run.dir / "checkpoints" / "best.json").read_text())
+    assert best["student_ema_top1"] == max(r["student_ema_top1"] for r in run.val_records)
+    state = torch.load(run.checkpoint(16) / "state.pt", map_location="cpu", weights_only=True)
+    assert main(["export", "--checkpoint", str(run.checkpoint(16)), "--out",
+                 str(tmp_path / "ema"), "--ema"]) == 0
+    exported = load_file(str(tmp_path / "ema" / "model.safetensors"))
+    assert all(torch.equal(exported[k], state["ema"][k]) for k in exported)
+    assert any(not torch.equal(exported[k], run.weights[k]) for k in exported)  # not the student
+    plain = train_tiny(tiny_teacher, tmp_path / "plain", "train.max_steps=4")
+    assert main(["export", "--checkpoint", str(plain.dir), "--out", str(tmp_path / "x"),
+                 "--ema"]) == 2  # no EMA in that run
+    assert not (tmp_path / "x").exists()

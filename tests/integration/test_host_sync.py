@@ -112,7 +112,9 @@ def audit(trainer: Trainer, monkeypatch: pytest.MonkeyPatch, steps: int = 5) -> 
     (),
     ("train.precision=bf16", "distill.loss=dkd", "optim.grad_clip=1.0"),
     ("train.precision=fp16", "train.grad_accum_steps=2", "data.mixup=0.8"),
-], ids=["fp32-soft", "bf16-dkd-clip", "fp16-accum-mixup"])
+    ("distill.features=[{}, {student: 0, teacher: 0, tokens: pooled}]", "optim.layer_decay=0.7",
+     "train.ema_decay=0.99", "train.ema_warmup=true"),
+], ids=["fp32-soft", "bf16-dkd-clip", "fp16-accum-mixup", "features-layer-decay-ema"])
 def test_a_training_step_does_not_touch_the_host(tiny_teacher: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  overrides: tuple[str, ...]) -> None:

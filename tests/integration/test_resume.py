@@ -90,6 +90,8 @@ PARITY_CASES = {
                                   "teacher: blocks.0.mlp, loss: mse, tokens: pooled}]",
                                   "distill.projector=mlp"]),
     "layer-decay": (4, 13, 12, ["optim.layer_decay=0.5", "train.log_lr_groups=true"]),
+    "ema": (4, 13, 12, ["train.ema_decay=0.9", "train.ema_warmup=true",
+                        "checkpoint.best_metric=student_ema_top1"]),
 }
 
 
@@ -113,6 +115,8 @@ def test_interrupted_and_resumed_equals_straight(tiny_teacher: str, tmp_path: Pa
 
     assert_same_weights(Run(out, summary).weights, ref.weights)  # bit-identical
     assert_same_optimizer_state(final_state(out, N), final_state(ref.dir, N))
+    for name, tensor in final_state(ref.dir, N).get("ema", {}).items():  # train.ema_decay
+        assert torch.equal(final_state(out, N)["ema"][name], tensor), name
     # The crashed run logged up to the checkpoint; the resumed one logged the rest: together
     # exactly the straight run's records (losses, lr, evaluations at the same steps).
     assert comparable(read_jsonl(out / "metrics.jsonl")) == comparable(ref.records)
