@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ema", action="store_true", help="export the EMA of the student "
                    "(train.ema_decay) instead of the student")
+    p.add_argument("--format", default="safetensors", metavar="FORMAT",
+                   help="safetensors (timm's files, the default) or onnx (those and "
+                   "model.onnx, checked with onnxruntime on the validation images)")
+    p.add_argument("--check-images", type=int, default=1024, metavar="N",
+                   help="with --format onnx: validation images to check the graph on "
+                   "(default 1024)")
     p = sub.add_parser("profile", help="profile a short training run and write a report "
                        "(traces, report.md, report.html)")
     _add_config_args(p)
@@ -261,8 +267,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_student(_find_checkpoint(args), args.out, ema=args.ema)
+    out, check = export_student(_find_checkpoint(args), args.out, ema=args.ema,
+                                fmt=args.format, check_images=args.check_images)
     print(f"exported the student{' (EMA)' if args.ema else ''} to {out}")
+    if check is not None:
+        print(f"model.onnx (opset {check['opset']}, dynamic batch): onnxruntime vs PyTorch on "
+              f"{check['images']} validation images: max |logit difference| "
+              f"{check['max_abs_logit_diff']:.3g} (tolerance {check['tolerance']:g}), top-1 "
+              f"agreement {100 * check['top1_agreement']:.2f} %")
     return 0
 
 

@@ -30,6 +30,10 @@ class CacheError(UserError):
     """A teacher-output cache that does not fit the run, or a missing or damaged shard."""
 
 
+class ExportError(UserError):
+    """An exported graph that does not compute what the student computes."""
+
+
 class TeacherError(UserError):
     """A teacher that fails the check before training (``distill.require_teacher_top1``)."""
 
