@@ -295,6 +295,15 @@ def build_trainer(teacher: str, student: str, image_size: int, batch: int, preci
     return trainer, model.to(trainer.device).eval().requires_grad_(False)
 
 
+def plain_copy(student: nn.Module) -> nn.Module:
+    """A copy of kd's freshly built student for the other loops, without kd's options on it
+    (``student.grad_checkpointing`` is kd's, so its cost shows in kd ÷ plain)."""
+    model = copy.deepcopy(student)
+    if getattr(model, "grad_checkpointing", False):
+        model.set_grad_checkpointing(False)
+    return model
+
+
 def make_kd_step(trainer: Trainer, images: torch.Tensor,
                  targets: torch.Tensor) -> Callable[[], None]:
     """One ``Trainer.train_step`` on the in-memory batch (it advances the step, and the
@@ -364,10 +373,10 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
     images = torch.rand(batch, channels, image_size, image_size, generator=g).to(dev)
     targets = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
 
-    plain_step, optimizer_kind = make_plain_step(copy.deepcopy(trainer.student_core),
+    plain_step, optimizer_kind = make_plain_step(plain_copy(trainer.student_core),
                                                  teacher_model, images, targets, prec,
                                                  temperature, alpha)
-    timm_step = make_timm_step(copy.deepcopy(trainer.student_core), teacher_model, images,
+    timm_step = make_timm_step(plain_copy(trainer.student_core), teacher_model, images,
                                targets, prec, temperature, alpha)
     loops = {"plain": plain_step, "kd": make_kd_step(trainer, images, targets),
              "timm": timm_step}
@@ -435,8 +444,9 @@ def bench_image_size(teacher: str = DEFAULT_TEACHER, student: str = DEFAULT_STUD
         "ratios": {f"kd/{name}": rows["kd"]["img_per_s"] / rows[name]["img_per_s"]
                    for name in names if name != "kd"},
         # Per round (neighbouring blocks): less exposed to slow drifts of the machine's load.
-        "ratio_rounds": {"kd/plain": [p / k for p, k in zip(seconds["plain"], seconds["kd"])],
-                         "kd/timm": [t / k for t, k in zip(seconds["timm"], seconds["kd"])]},
+        "ratio_rounds": {f"kd/{name}": [o / k for o, k in zip(seconds[name], seconds["kd"],
+                                                               strict=True)]
+                         for name in names if name != "kd"},
         "kd_phases": {p: statistics.median(r[p] for r in kd_phases) for p in kd_phases[0]},
         "seconds": seconds,
     }

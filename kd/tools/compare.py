@@ -175,8 +175,8 @@ def print_table(report: dict[str, Any]) -> None:
     for column in ("arm", "top-1 (mean ± sd)", "per seed", "gain over labels"):
         table.add_column(column, justify="left" if column == "arm" else "right")
     for name, arm in report["arms"].items():
-        table.add_row(name, f"{100 * arm['student_top1_mean']:.2f} ± "
-                            f"{100 * arm['student_top1_sd']:.2f} %",
+        sd = f"{100 * arm['student_top1_sd']:.2f}" if len(arm["student_top1"]) > 1 else "—"
+        table.add_row(name, f"{100 * arm['student_top1_mean']:.2f} ± {sd} %",
                       " ".join(f"{100 * v:.2f}" for v in arm["student_top1"]),
                       "—" if name == "labels" else f"{100 * arm['gain_over_labels']:+.2f} pt")
     Console(width=110).print(table)
