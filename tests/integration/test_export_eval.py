@@ -160,7 +160,7 @@ def test_export_loads_in_timm_from_local_dir(run: Run, exported: Path) -> None:
 
 def test_export_of_a_distilled_deit_student(tiny_run, tmp_path: Path) -> None:
     deit = tiny_run("deit", "distill.loss=token", "student.name=deit_tiny_distilled_patch16_224")
-    out = export_student(deit.checkpoint(16), tmp_path / "export")
+    out, _ = export_student(deit.checkpoint(16), tmp_path / "export")
     model = timm.create_model("local-dir:" + str(out), pretrained=True)
     reference = student_from_checkpoint(deit.checkpoint(16))
     assert_same_outputs(model, reference, torch.rand(4, 3, 16, 16))
