@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from kd.tools import bench, compare, plan
 from kd.tools.cache_builder import build_cache
 from kd.tools.evaluate import evaluate_checkpoint
 from kd.tools.export import export_student
+from kd.tools.model_card import push_to_hub
 from kd.tools.profiler import ProfileSettings, run_profile
 from kd.tools.tune_loader import run_tune_loader
 from kd.units import format_bytes, format_percent
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", metavar="FORMAT",
                    help="safetensors (timm's files, the default) or onnx (those and "
                    "model.onnx, checked with onnxruntime on the validation images)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the exported folder (model, "
+                   "config, card) to this Hugging Face model repository (needs network and "
+                   "`huggingface-cli login` or HF_TOKEN)")
     p.add_argument("--check-images", type=int, default=1024, metavar="N",
                    help="with --format onnx: validation images to check the graph on "
                    "(default 1024)")
@@ -267,14 +272,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    command = "kd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out, check = export_student(_find_checkpoint(args), args.out, ema=args.ema,
-                                fmt=args.format, check_images=args.check_images)
+                                fmt=args.format, check_images=args.check_images,
+                                command=command if sys.argv[1:2] == ["export"] else None)
     print(f"exported the student{' (EMA)' if args.ema else ''} to {out}")
     if check is not None:
         print(f"model.onnx (opset {check['opset']}, dynamic batch): onnxruntime vs PyTorch on "
               f"{check['images']} validation images: max |logit difference| "
               f"{check['max_abs_logit_diff']:.3g} (tolerance {check['tolerance']:g}), top-1 "
               f"agreement {100 * check['top1_agreement']:.2f} %")
+    print(f"model card: {out / 'README.md'}")
+    if args.push_to_hub:
+        print(f"uploaded to {push_to_hub(out, args.push_to_hub)}")
     return 0
 
 

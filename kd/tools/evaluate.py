@@ -37,13 +37,16 @@ log = logging.getLogger("kd")
 
 
 def teacher_weights_here(cfg: KDConfig) -> bool:
-    """Whether the teacher can be built on this machine (hub weights, or its checkpoint file)."""
-    checkpoint = cfg.teacher.checkpoint
-    return cfg.teacher.pretrained or bool(checkpoint and resolve_path(checkpoint).is_file())
+    """Whether every teacher can be built on this machine (hub weights, or its checkpoint
+    file)."""
+    return all(t.pretrained or bool(t.checkpoint and resolve_path(t.checkpoint).is_file())
+               for t in teacher_sections(cfg))
 
 
-def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path) -> dict[str, Any]:
-    """The evaluation record of ``checkpoint`` (every rank of ``info`` takes part).
+def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path,
+                        ema: bool = False) -> dict[str, Any]:
+    """The evaluation record of ``checkpoint``'s student (its EMA with ``ema``; every rank of
+    ``info`` takes part).
 
     The teacher is evaluated too; a run trained from ``distill.teacher_cache`` may have been
     trained where the teacher's weights are not, and then the student is evaluated alone.
@@ -59,6 +62,11 @@ def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path) -> dict
                    cfg.seed, Ranks(info.rank, info.world_size, info.local_world_size),
                    pin_memory=device.type == "cuda", grad_accum_steps=cfg.train.grad_accum_steps)
     student_state, state, _ = ckpt.load(checkpoint)
+    if ema:
+        if "ema" not in state:
+            raise UserError(f"--ema: checkpoint {checkpoint} holds no EMA of the student (its "
+                            f"run had no train.ema_decay)")
+        student_state = state["ema"]
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, cfg.data.num_classes)
     mismatch = describe_mismatch(student.state_dict(), student_state)
@@ -88,5 +96,7 @@ def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path) -> dict
                             cached_teacher=teachers is None and settings.loss != "none")
     counts = val_counts(task, data.val_loader(), device, precision, cfg.data.num_classes)
     step = int(state["step"])
-    return eval_record(counts, step, round(step / max(1, data.steps_per_epoch)),
-                       task.teacher_predicts, teacher_results(task, counts))
+    record = eval_record(counts, step, round(step / max(1, data.steps_per_epoch)),
+                         task.teacher_predicts)
+    # Each teacher by name (one too), and how many images the numbers are over.
+    return {**record, "teachers": teacher_results(task, counts), "images": int(counts[0])}

@@ -33,6 +33,7 @@ from kd.core import checkpoint as ckpt
 from kd.core.models import build_input_norm, build_student, describe_mismatch
 from kd.data.build import build_split
 from kd.errors import CheckpointError, ExportError, UserError, output_error
+from kd.tools.model_card import describe
 
 FORMATS = ("safetensors", "onnx")
 ONNX_OPSET = 18
@@ -43,12 +44,13 @@ ONNX_CHECK_IMAGES = 1024  # validation images the exported graph is checked on
 
 
 def export_student(checkpoint: str | Path, out: str | Path, ema: bool = False,
-                   fmt: str = "safetensors",
-                   check_images: int = ONNX_CHECK_IMAGES) -> tuple[Path, dict[str, Any] | None]:
+                   fmt: str = "safetensors", check_images: int = ONNX_CHECK_IMAGES,
+                   command: str | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Write the checkpoint's student (its EMA with ``ema``) to ``out`` (replaced atomically):
-    timm's ``model.safetensors`` and ``config.json``, and with ``fmt="onnx"`` also
-    ``model.onnx`` (:func:`export_onnx`), checked before anything is written. Returns ``out``
-    and the ONNX check (None without ONNX)."""
+    timm's ``model.safetensors`` and ``config.json``, the model card ``README.md``
+    (:mod:`kd.tools.model_card`), and with ``fmt="onnx"`` also ``model.onnx``
+    (:func:`export_onnx`), checked before anything is written. Returns ``out`` and the ONNX
+    check (None without ONNX). ``command``: what reproduces the export, for the card."""
     import timm.models
 
     if fmt not in FORMATS:
@@ -91,6 +93,9 @@ def export_student(checkpoint: str | Path, out: str | Path, ema: bool = False,
                                 safe_serialization=True, data_config=data_config)
         if fmt == "onnx":
             check = export_onnx(model.eval(), norm, cfg, staging / "model.onnx", check_images)
+        command = command or f"kd export --checkpoint {checkpoint} --out {out}"
+        (staging / "README.md").write_text(describe(cfg, Path(checkpoint), model, ema,
+                                                    fmt == "onnx", command))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

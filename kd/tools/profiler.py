@@ -208,6 +208,21 @@ def count_flops(student: nn.Module, teacher: nn.Module | None, x_student: torch.
     return FlopCount(*counts, images=x_student.shape[0], device=str(device))
 
 
+def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward of ``model`` on ``x``, without autograd: counted on the meta device
+    (stand-in weights, nothing computed), or on copies on ``x``'s device when an operator has
+    no meta implementation."""
+    for device in ("meta", x.device):
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                functional_call(model, _stand_ins(model, device, False), (x.to(device),))
+            return counter.get_total_flops()
+        except (NotImplementedError, RuntimeError):
+            if device != "meta":
+                raise
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
 def count_flops_safely(student: nn.Module, teacher: nn.Module | None, x_student: torch.Tensor,
                        x_teacher: Any) -> FlopCount:
     """:func:`count_flops` on the meta device, or on copies on the inputs' device when an

@@ -129,7 +129,8 @@ def test_export_and_eval_take_the_run_directory_and_best(run: Run, tmp_path: Pat
 
 
 def test_export_writes_safetensors_and_timm_config(run: Run, exported: Path) -> None:
-    assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json",
+                                                          "model.safetensors"]  # + the card
     assert_same_weights(load_file(str(exported / "model.safetensors")),
                         load_file(str(run.checkpoint(16) / "student.safetensors")))
     config = json.loads((exported / "config.json").read_text())

@@ -29,7 +29,7 @@ def test_the_onnx_graph_takes_any_batch_and_matches_the_timm_student(run, tmp_pa
     printed = capsys.readouterr().out
     assert "onnxruntime vs PyTorch on 20 validation images" in printed
     assert "top-1 agreement 100.00 %" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.onnx",
                                                      "model.safetensors"]
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # no kd needed
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
