@@ -48,11 +48,13 @@ log = logging.getLogger("kd")
 
 
 class Tokens(NamedTuple):
-    """A layer's output: the patch grid ``(B, C, H, W)`` and the prefix tokens ``(B, P, C)``
-    (None without any)."""
+    """A layer's output: the patch grid ``(B, C, H, W)``, the prefix tokens ``(B, P, C)``
+    (None without any) and, among them, the class token ``(B, 1, C)`` (None without one: a
+    ViT whose prefix holds register tokens only has none)."""
 
     grid: torch.Tensor
     prefix: torch.Tensor | None
+    cls: torch.Tensor | None = None
 
 
 class WithFeatures(NamedTuple):
@@ -78,15 +80,24 @@ def block_count(model: nn.Module) -> int | None:
     return len(blocks) if blocks is not None else None
 
 
-def as_tokens(out: Any, num_prefix: int, grid_size: tuple[int, int] | None = None) -> Tokens:
-    """A layer's output as :class:`Tokens` (see the module docstring)."""
+def as_tokens(out: Any, num_prefix: int, grid_size: tuple[int, int] | None = None,
+              class_token: bool | None = None, channels_last: bool = False) -> Tokens:
+    """A layer's output as :class:`Tokens` (see the module docstring). ``class_token``: the
+    first prefix token is a class token (default: when there are prefix tokens);
+    ``channels_last``: 4-D outputs are ``(B, H, W, C)`` (timm's NHWC models, e.g. Swin)."""
+    has_class = num_prefix > 0 if class_token is None else class_token
+
+    def with_class(grid: torch.Tensor, prefix: torch.Tensor | None) -> Tokens:
+        cls = prefix[:, :1] if has_class and prefix is not None and prefix.shape[1] else None
+        return Tokens(grid, prefix, cls)
+
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor) \
             and out[0].dim() == 4:  # forward_intermediates(return_prefix_tokens=True)
-        return Tokens(out[0], out[1])
+        return with_class(out[0], out[1])
     if isinstance(out, (tuple, list)):  # a module that returns several tensors: the first
         out = out[0]
     if out.dim() == 4:
-        return Tokens(out, None)
+        return Tokens(out.permute(0, 3, 1, 2) if channels_last else out, None)
     if out.dim() == 2:
         return Tokens(out[:, :, None, None], None)
     if out.dim() != 3:
@@ -98,7 +109,7 @@ def as_tokens(out: Any, num_prefix: int, grid_size: tuple[int, int] | None = Non
     if h * w != n:
         raise ValueError(f"{n} patch tokens do not form a square grid")
     grid = patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
-    return Tokens(grid, prefix)
+    return with_class(grid, prefix)
 
 
 class LayerTap:
@@ -116,6 +127,10 @@ class LayerTap:
         self.model, self.layers = model, list(layers)
         numbers = list(pairs) if pairs is not None else list(range(len(self.layers)))
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        # timm's ViTs say whether their prefix starts with a class token (register-only
+        # prefixes do not); NHWC models (Swin) give channels-last maps from their modules.
+        self.class_token = bool(getattr(model, "has_class_token", self.num_prefix > 0))
+        self.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         self.grid_size = tuple(grid) if grid is not None else None
         self.blocks: dict[int, int] = {}  # pair → block index
@@ -177,7 +192,8 @@ class LayerTap:
                 raw = self._taken[self.paths[i]]
             else:
                 raise ValueError(f"{self.paths[i]} did not run in the forward pass")
-            tokens.append(as_tokens(raw, self.num_prefix, self.grid_size))
+            tokens.append(as_tokens(raw, self.num_prefix, self.grid_size, self.class_token,
+                                    self.channels_last and i in self.paths))
         self._taken.clear()
         return WithFeatures(out, tokens)
 
@@ -204,7 +220,8 @@ def project(projector: nn.Module, tokens: Tokens) -> Tokens:
     """``projector`` on the channels of every token (a 1×1 convolution on a grid)."""
     grid = projector(tokens.grid.movedim(1, -1)).movedim(-1, 1)
     prefix = projector(tokens.prefix) if tokens.prefix is not None else None
-    return Tokens(grid, prefix)
+    cls = prefix[:, :1] if tokens.cls is not None and prefix is not None else None
+    return Tokens(grid, prefix, cls)
 
 
 class FeatureStudent(nn.Module):
@@ -217,6 +234,12 @@ class FeatureStudent(nn.Module):
         self.student, self.projectors = student, projectors
         self.tap = tap
 
+    def no_weight_decay(self) -> set[str]:
+        """The student's parameters without weight decay (timm's ``no_weight_decay``: position
+        embeddings, class and register tokens), under this module's names."""
+        names = getattr(self.student, "no_weight_decay", lambda: set())()
+        return {f"student.{n}" for n in names}
+
     def forward(self, x: torch.Tensor) -> WithFeatures:
         out, tokens = self.tap(x)
         return WithFeatures(out, [project(p, t) for p, t in zip(self.projectors, tokens,
@@ -225,7 +248,7 @@ class FeatureStudent(nn.Module):
 
 # ------------------------------------------------------------------------------ alignment
 def _class_token(tokens: Tokens) -> torch.Tensor | None:
-    return tokens.prefix[:, :1] if tokens.prefix is not None and tokens.prefix.shape[1] else None
+    return tokens.cls
 
 
 def align(student: Tokens, teacher: Tokens, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,9 +261,10 @@ def align(student: Tokens, teacher: Tokens, mode: str) -> tuple[torch.Tensor, to
         assert s_cls is not None and t_cls is not None
         return s_cls, t_cls.to(s_cls.dtype)
     t_grid = teacher.grid.to(student.grid.dtype)
-    if t_grid.shape[-2:] != student.grid.shape[-2:]:
+    if t_grid.shape[-2:] != student.grid.shape[-2:]:  # antialiased when shrinking
         t_grid = F.interpolate(t_grid, size=student.grid.shape[-2:], mode="bilinear",
-                               align_corners=False)
+                               align_corners=False,
+                               antialias=student.grid.shape[-1] < t_grid.shape[-1])
     s, t = student.grid.flatten(2).transpose(1, 2), t_grid.flatten(2).transpose(1, 2)
     if mode == "all" and s_cls is not None and t_cls is not None:
         s, t = torch.cat([s_cls, s], dim=1), torch.cat([t_cls.to(s.dtype), t], dim=1)
@@ -324,8 +348,9 @@ class FeatureDistiller:
         out = []
         for t, k in self.slots:
             tokens = by_teacher[t][k]
-            out.append(Tokens(tokens.grid.clone(),
-                              None if tokens.prefix is None else tokens.prefix.clone()))
+            prefix = None if tokens.prefix is None else tokens.prefix.clone()
+            cls = prefix[:, :1] if tokens.cls is not None and prefix is not None else None
+            out.append(Tokens(tokens.grid.clone(), prefix, cls))
         return out
 
     @staticmethod

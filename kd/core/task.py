@@ -65,6 +65,9 @@ class DistillationTask:
         # The first teacher (the only one in most runs), for tools that look at one.
         self.teacher: FrozenTeacher | None = teacher[0] if teacher is not None else None
         self.features = features
+        # Which teachers take the student's normalised batch as it is (decided once: comparing
+        # the statistics synchronises with the device).
+        self.shared = teacher.shares_input(student_norm) if teacher is not None else []
         if features is not None and teacher is None:
             raise ConfigError("distill.features needs a teacher: set teacher.checkpoint or "
                               "teacher.pretrained=true")
@@ -85,7 +88,7 @@ class DistillationTask:
     @property
     def share_input(self) -> bool:
         """Whether the (first) teacher takes the student's normalised batch as it is."""
-        return self.teacher is not None and self.teacher.norm.same_as(self.student_norm)
+        return bool(self.shared and self.shared[0])
 
     @property
     def uses_teacher(self) -> bool:
@@ -112,7 +115,7 @@ class DistillationTask:
         x_student = self.student_norm(images)
         if not self.uses_teacher or self.teachers is None:  # labels only, or a teacher cache
             return x_student, None
-        return x_student, self.teachers.inputs(images, x_student, self.student_norm)
+        return x_student, self.teachers.inputs(images, x_student, self.shared)
 
     def teacher_forward(self, x_teachers: list[torch.Tensor] | None) -> Any:
         """The teachers' (mixture) logits without autograd (None when training on labels
@@ -123,7 +126,8 @@ class DistillationTask:
         temperature = self.cfg.temperature
         if self.features is None:
             return self.teachers.mix(self.teachers(x_teachers), temperature)
-        logits, tokens = self.teachers.with_features(x_teachers, self.features.teacher_taps)
+        logits, tokens = self.teachers.with_features(x_teachers, self.features.teacher_taps,
+                                                     logits_needed=self.cfg.loss != "none")
         return WithFeatures(self.teachers.mix(logits, temperature),
                             self.features.teacher_tokens(tokens))
 
@@ -224,7 +228,7 @@ class DistillationTask:
                 s = (s[0] + s[1]) / 2
         if self.teachers is None:
             return s, []
-        return s, self.teachers(self.teachers.inputs(images, x_student, self.student_norm))
+        return s, self.teachers(self.teachers.inputs(images, x_student, self.shared))
 
     @torch.no_grad()
     def predict_teacher(self, images: torch.Tensor) -> torch.Tensor | None:

@@ -74,16 +74,18 @@ class TeacherSet(nn.Module):
         """Whether at least one teacher has a classifier (logits to distil and evaluate)."""
         return any(not t.headless for t in self)
 
+    def shares_input(self, student_norm: InputNorm) -> list[bool]:
+        """Which teachers are normalised like the student (compares the statistics: one host
+        synchronisation, so ask once, when building)."""
+        return [teacher.norm.same_as(student_norm) for teacher in self]
+
     def inputs(self, images: torch.Tensor, x_student: torch.Tensor | None = None,
-               student_norm: InputNorm | None = None) -> list[torch.Tensor]:
-        """Each teacher's input for a raw batch; a teacher normalised like the student reuses
-        ``x_student``."""
-        out = []
-        for teacher, size in zip(self, self.image_sizes, strict=True):
-            shared = x_student is not None and student_norm is not None and \
-                teacher.norm.same_as(student_norm)
-            out.append(teacher_input(teacher, images, size, x_student if shared else None))
-        return out
+               shared: Sequence[bool] | None = None) -> list[torch.Tensor]:
+        """Each teacher's input for a raw batch; a teacher that ``shared`` marks (see
+        :meth:`shares_input`) reuses the student's normalised ``x_student``."""
+        shared = shared if shared is not None and x_student is not None else [False] * len(self)
+        return [teacher_input(teacher, images, size, x_student if share else None)
+                for teacher, size, share in zip(self, self.image_sizes, shared, strict=True)]
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """Each teacher's logits (None for a headless one, which still runs: it teaches feature
@@ -91,10 +93,12 @@ class TeacherSet(nn.Module):
         out = [t(x) for t, x in zip(self, inputs, strict=True)]
         return [None if t.headless else o for t, o in zip(self, out, strict=True)]
 
-    def with_features(self, inputs: Sequence[torch.Tensor], taps: dict[int, LayerTap]
+    def with_features(self, inputs: Sequence[torch.Tensor], taps: dict[int, LayerTap],
+                      logits_needed: bool = True
                       ) -> tuple[list[torch.Tensor | None], dict[int, list[Tokens]]]:
         """Each teacher's logits, and the tokens of the teachers with feature layers (by
-        teacher index), from one forward each."""
+        teacher index), from one forward each; without ``logits_needed`` (no logit loss), a
+        teacher no feature pair reads does not run."""
         logits: list[torch.Tensor | None] = []
         tokens: dict[int, list[Tokens]] = {}
         for i, (teacher, x) in enumerate(zip(self, inputs, strict=True)):
@@ -103,7 +107,8 @@ class TeacherSet(nn.Module):
                 logits.append(out.out)
                 tokens[i] = out.features
             else:
-                logits.append(None if teacher.headless else teacher(x))
+                run = logits_needed and not teacher.headless
+                logits.append(teacher(x) if run else None)
         return logits, tokens
 
     def mix(self, logits: Sequence[torch.Tensor | None], temperature: float

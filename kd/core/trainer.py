@@ -346,6 +346,11 @@ class Trainer:
                 teacher.model.compile(mode=mode)
             log.info("train.compile: student%s compiled (mode %s); the first steps compile",
                      " and teacher" + "s" * (len(teachers) > 1) if teachers else "", mode)
+            if any(isinstance(layer, int) for p in cfg.distill.features
+                   for layer in (p.student, p.teacher)):
+                log.warning("train.compile: feature pairs with block indices run the models "
+                            "through forward_intermediates, which compile does not cover: "
+                            "those forwards run eagerly")
 
     def _build_features(self) -> FeatureDistiller:
         """The feature pairs, sized with one training image (an impossible pair fails here)."""

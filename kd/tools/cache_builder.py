@@ -92,6 +92,9 @@ class CacheBuilder:
         if self.teacher is None:
             raise ConfigError("kd cache-teacher needs a teacher: set teacher.checkpoint or "
                               "teacher.pretrained=true")
+        if self.teacher.headless:
+            raise ConfigError("kd cache-teacher stores a teacher's logits, and a headless teacher "
+                              "(teacher.kwargs.num_classes=0) has none: unset it")
         # A teacher that cannot take the data fails here, before anything is written.
         check_model_input(self.teacher.model, self.teacher.norm, self.train_set[0][0][None],
                           section="teacher", name=cfg.teacher.name, image_size=data.image_size,
@@ -283,12 +286,6 @@ def build_cache(cfg: KDConfig, info: DistInfo, epochs: int, top_k: int,
              manifest["bytes_per_image_epoch"],
              manifest["build_s"])
     return manifest
-
-
-def human_size(n: float) -> str:
-    """Only for kd/cli.py, which still imports this name: delete once it calls
-    ``kd.units.format_bytes(n, si=True)`` itself."""
-    return format_bytes(n, si=True)
 
 
 def remove_temporaries(out: Path) -> None:

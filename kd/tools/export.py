@@ -55,6 +55,8 @@ def export_student(checkpoint: str | Path, out: str | Path, ema: bool = False,
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if check_images < 1:
+        raise UserError(f"--check-images {check_images}: check the graph on at least 1 image")
     if fmt == "onnx":
         require_onnx()
 

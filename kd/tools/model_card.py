@@ -23,7 +23,7 @@ from kd import __version__
 from kd.config import KDConfig, teacher_sections
 from kd.core.dist import single_process
 from kd.core.teachers import build_teachers
-from kd.errors import DataError, UserError
+from kd.errors import UserError
 from kd.tools.evaluate import evaluate_checkpoint, teacher_weights_here
 from kd.tools.profiler import cpu_model, forward_flops
 from kd.units import format_duration, format_flops
@@ -134,14 +134,17 @@ def describe(cfg: KDConfig, checkpoint: Path, student: nn.Module, ema: bool, onn
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu"
                           else "cpu")
     try:
-        record: dict[str, Any] | None = evaluate_checkpoint(cfg, single_process("cpu"),
-                                                            checkpoint, ema=ema)
-    except DataError as e:
-        log.warning("model card: no accuracy (the validation split is not readable here: %s)",
-                    e)
+        record: dict[str, Any] | None = evaluate_checkpoint(
+            cfg, single_process(device.type), checkpoint, ema=ema)
+    except (UserError, OSError) as e:  # no data, or no teacher weights, here
+        log.warning("model card: accuracy not measured (%s)", str(e).splitlines()[0])
         record = None
     shape = (cfg.student.channels, cfg.data.image_size, cfg.data.image_size)
-    teachers = build_teachers(cfg) if teacher_weights_here(cfg) else None
+    try:
+        teachers = build_teachers(cfg) if teacher_weights_here(cfg) else None
+    except (UserError, OSError) as e:
+        log.warning("model card: teachers not measured (%s)", str(e).splitlines()[0])
+        teachers = None
     models = [("student", cfg.student.name, student, shape)]
     for section, teacher in zip(teacher_sections(cfg), teachers or [], strict=False):
         size = section.image_size or cfg.data.image_size

@@ -105,12 +105,6 @@ class Facts:
     comm_total_share: float | None = None  # all collective time; None: overlap not measured
 
 
-def pct_fine(value: float) -> str:
-    """Only for kd/cli.py, which still imports this name: delete once it calls
-    ``kd.units.format_percent(value, fine=True)`` itself."""
-    return format_percent(value, fine=True)
-
-
 def phase_spread(steps: Sequence[dict[str, float]], walls: Sequence[float] | None = None
                  ) -> dict[str, dict[str, float]]:
     """Mean, std, min, max and coefficient of variation of each phase (and the step) over steps.

@@ -24,6 +24,11 @@ from kd.core.models import build_teacher
 from kd.errors import ConfigError
 
 
+def with_class(grid: torch.Tensor, prefix: torch.Tensor) -> Tokens:
+    """Tokens whose first prefix token is a class token."""
+    return Tokens(grid, prefix, prefix[:, :1])
+
+
 def vit(**kw: int) -> torch.nn.Module:
     args = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 3, "num_heads": 2,
             "num_classes": 5, **kw}
@@ -75,11 +80,12 @@ def test_token_sequences_split_prefix_and_fold_the_grid() -> None:
 
 def test_patch_grids_of_other_sizes_are_resampled_to_the_students() -> None:
     g = torch.Generator().manual_seed(1)
-    student = Tokens(torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 1, 4, generator=g))
-    teacher = Tokens(torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 2, 4, generator=g))
+    student = with_class(torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 1, 4, generator=g))
+    teacher = with_class(torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 2, 4, generator=g))
     s, t = align(student, teacher, "patch")
     assert s.shape == t.shape == (2, 4, 4)  # the student's 2×2 grid
-    expected = F.interpolate(teacher.grid, size=(2, 2), mode="bilinear", align_corners=False)
+    expected = F.interpolate(teacher.grid, size=(2, 2), mode="bilinear", align_corners=False,
+                             antialias=True)  # shrinking: averaged, not sampled
     assert torch.equal(t, expected.flatten(2).transpose(1, 2))
     s, t = align(student, teacher, "all")  # class tokens first, then the patches
     assert s.shape == (2, 5, 4) and torch.equal(t[:, 0], teacher.prefix[:, 0])
@@ -90,7 +96,7 @@ def test_patch_grids_of_other_sizes_are_resampled_to_the_students() -> None:
 
 
 def test_a_cnn_map_aligns_with_a_vit_grid() -> None:
-    student = Tokens(torch.randn(2, 8, 4, 4), torch.randn(2, 1, 8))
+    student = with_class(torch.randn(2, 8, 4, 4), torch.randn(2, 1, 8))
     teacher = Tokens(torch.randn(2, 8, 8, 8), None)  # a CNN stage: no prefix tokens
     s, t = align(student, teacher, "all")  # no class token on one side: patches only
     assert s.shape == t.shape == (2, 16, 8)
@@ -200,6 +206,7 @@ def test_a_headless_teacher_loads_a_checkpoint_with_a_head(tmp_path, caplog) -> 
     ("deit_tiny_distilled_patch16_224", {}, 2),  # class and distillation tokens
     ("vit_tiny_patch16_224", {"reg_tokens": 4}, 5),  # class and 4 register tokens
     ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, 0),
+    ("vit_tiny_patch16_224", {"class_token": False, "reg_tokens": 4, "global_pool": "avg"}, 4),
 ])
 def test_prefix_tokens_of_every_kind_split_from_the_grid(name: str, kwargs: dict,
                                                          prefix: int) -> None:
@@ -212,6 +219,30 @@ def test_prefix_tokens_of_every_kind_split_from_the_grid(name: str, kwargs: dict
         assert tokens.grid.shape == (2, 16, 4, 4)
         assert (tokens.prefix.shape[1] if tokens.prefix is not None else 0) == prefix
     torch.testing.assert_close(by_index.grid, by_path.grid)
-    student = Tokens(torch.randn(2, 16, 2, 2), torch.randn(2, 1, 16))
-    s, t = align(student, by_index, "all")  # only the class token joins the patches
-    assert s.shape == t.shape == (2, 4 + (1 if prefix else 0), 16)
+    student = with_class(torch.randn(2, 16, 2, 2), torch.randn(2, 1, 16))
+    s, t = align(student, by_index, "all")  # only a class token joins the patches
+    has_class = kwargs.get("class_token", True)
+    assert (by_index.cls is not None) == has_class  # register tokens are not class tokens
+    assert s.shape == t.shape == (2, 4 + has_class, 16)
+
+
+def test_the_projectors_module_keeps_timms_no_weight_decay_names() -> None:
+    """Position embeddings and class tokens stay without weight decay under the wrapper."""
+    from kd.config import OptimConfig
+    from kd.core.optim import build_optimizer
+
+    fd = distiller([FeaturePairConfig()])
+    module = fd.student_module(fd.student_tap.model)
+    optimizer = build_optimizer(module, OptimConfig(weight_decay=0.05))
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    student = fd.student_tap.model
+    assert decay[id(student.pos_embed)] == decay[id(student.cls_token)] == 0.0
+    assert decay[id(student.blocks[0].attn.qkv.weight)] == 0.05
+
+
+def test_channels_last_module_outputs_become_channels_first_grids() -> None:
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2,
+                              embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=3)
+    tokens = LayerTap(model.eval(), ["layers.1"], "teacher", "swin")(
+        torch.randn(1, 3, 32, 32)).features[0]
+    assert tokens.grid.shape == (1, 32, 4, 4) and tokens.prefix is None

@@ -45,7 +45,9 @@ def test_each_teacher_gets_its_own_normalisation_and_image_size() -> None:
                           image_sizes=[None, 24])
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     x_student = (images.float() / 255 - 0.5) / 0.5
-    first, second = teachers.inputs(images, x_student, InputNorm([0.5] * 3, [0.5] * 3))
+    shared = teachers.shares_input(InputNorm([0.5] * 3, [0.5] * 3))
+    assert shared == [True, False]
+    first, second = teachers.inputs(images, x_student, shared)
     assert first is x_student  # normalised like the student: shared
     assert second.shape[-1] == 24
     torch.testing.assert_close(second, torch.nn.functional.interpolate(
