@@ -238,13 +238,11 @@ def test_the_fused_skip_needs_no_host_synchronisation(monkeypatch: pytest.Monkey
 
 
 def test_build_optimizer_picks_fused_kernels_unless_told_otherwise() -> None:
-    from omegaconf import OmegaConf
-
+    from kd.config import OptimConfig
     from kd.core.optim import build_optimizer
 
     model = nn.Linear(4, 3)
-    cfg = OmegaConf.create({"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "kwargs": {},
-                            "zero": False})
+    cfg = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05)
     assert build_optimizer(model, cfg).defaults["fused"] is True
     cfg.kwargs = {"foreach": True}
     assert not build_optimizer(model, cfg).defaults.get("fused")
