@@ -344,8 +344,10 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e).strip() else "unreadable"
 
 
-def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """Verify and read a checkpoint: ``(student_state, train_state, config_yaml)``."""
+def load(path: str | Path, ema: bool = False
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Verify and read a checkpoint: ``(student_state, train_state, config_yaml)``; with
+    ``ema``, the student's EMA (``train.ema_decay``) stands in for the student."""
     path = Path(path)
     verify(path)
     # The checksums match, yet the files may have been written wrong (or the manifest rewritten):
@@ -359,4 +361,9 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {path / STATE_FILE}: {type(e).__name__}") from None
+    if ema:
+        if "ema" not in state:
+            raise CheckpointError(f"--ema: checkpoint {path} holds no EMA of the student (its "
+                                  f"run had no train.ema_decay); export without --ema")
+        student = state["ema"]
     return student, state, (path / CONFIG_FILE).read_text()

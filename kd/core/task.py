@@ -62,8 +62,6 @@ class DistillationTask:
         if isinstance(teacher, FrozenTeacher):
             teacher = TeacherSet([teacher], image_sizes=[teacher_image_size])
         self.student, self.student_norm, self.teachers = student, student_norm, teacher
-        # The first teacher (the only one in most runs), for tools that look at one.
-        self.teacher: FrozenTeacher | None = teacher[0] if teacher is not None else None
         self.features = features
         # Which teachers take the student's normalised batch as it is (decided once: comparing
         # the statistics synchronises with the device).
@@ -84,6 +82,11 @@ class DistillationTask:
             core.set_distilled_training(True)  # training forward returns (class, dist) logits
         elif is_distilled_vit(core):
             core.set_distilled_training(False)
+
+    @property
+    def teacher(self) -> FrozenTeacher | None:
+        """The first teacher (the only one in most runs), for tools that look at one."""
+        return self.teachers[0] if self.teachers is not None else None
 
     @property
     def share_input(self) -> bool:

@@ -19,9 +19,16 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from kd.config import KDConfig, teacher_sections
+from kd.config import KDConfig, TeacherConfig, teacher_key, teacher_sections
 from kd.core.features import LayerTap, Tokens, WithFeatures
-from kd.core.models import FrozenTeacher, InputNorm, build_teacher, resize
+from kd.core.models import (
+    FrozenTeacher,
+    InputNorm,
+    build_teacher,
+    check_model_input,
+    resize,
+    teacher_dtype,
+)
 from kd.errors import ConfigError
 
 
@@ -55,6 +62,13 @@ class TeacherSet(nn.Module):
         self.weights = list(weights) if weights is not None else [1.0] * n
         self.image_sizes = list(image_sizes) if image_sizes is not None else [None] * n
         self.names = list(names) if names is not None else [f"teacher {i}" for i in range(n)]
+
+    @classmethod
+    def from_sections(cls, teachers: Sequence[FrozenTeacher],
+                      sections: Sequence[TeacherConfig]) -> TeacherSet:
+        """The teachers with the weights, image sizes and names of their config sections."""
+        return cls(teachers, [getattr(s, "weight", 1.0) for s in sections],
+                   [s.image_size for s in sections], [s.name for s in sections])
 
     def __len__(self) -> int:
         return len(self.members)
@@ -136,6 +150,28 @@ def build_teachers(cfg: KDConfig) -> TeacherSet | None:
                               f"without weights would be random)")
     if built[0] is None:
         return None
-    return TeacherSet([t for t in built if t is not None],
-                      [getattr(s, "weight", 1.0) for s in sections],
-                      [s.image_size for s in sections], [s.name for s in sections])
+    return TeacherSet.from_sections([t for t in built if t is not None], sections)
+
+
+def check_teacher_inputs(cfg: KDConfig, teachers: TeacherSet, image: torch.Tensor) -> None:
+    """Each teacher takes the data (:func:`~kd.core.models.check_model_input`), or a
+    :class:`~kd.errors.ConfigError` naming its config section."""
+    for i, (teacher, section) in enumerate(zip(teachers, teacher_sections(cfg), strict=True)):
+        check_model_input(teacher.model, teacher.norm, image, section=teacher_key(cfg, i),
+                          name=section.name, image_size=cfg.data.image_size,
+                          teacher_image_size=section.image_size,
+                          grey_to_rgb=cfg.data.grey_to_rgb)
+
+
+def hold_as_trained(cfg: KDConfig, teachers: TeacherSet, precision: str) -> list[str]:
+    """Each teacher's weights in the dtype training holds them in (its ``dtype``: bf16 or fp16
+    under that autocast with ``auto``); returns a line per teacher cast, for the log."""
+    cast = []
+    for i, (teacher, section) in enumerate(zip(teachers, teacher_sections(cfg), strict=True)):
+        dtype = teacher_dtype(section.dtype, precision)
+        if dtype != torch.float32:
+            teacher.cast(dtype)
+            key = teacher_key(cfg, i)
+            cast.append(f"{key} weights held in {str(dtype).removeprefix('torch.')} "
+                        f"({key}.dtype={section.dtype})")
+    return cast

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from kd.config import KDConfig, teacher_key, teacher_sections, to_yaml
+from kd.config import KDConfig, teacher_key, to_yaml
 from kd.core import checkpoint as ckpt
 from kd.core.annotate import annotate
 from kd.core.dist import DistInfo, all_reduce_sum, barrier, single_process
@@ -38,18 +38,23 @@ from kd.core.guard import (
 )
 from kd.core.metrics import build_metrics
 from kd.core.models import (
+    FrozenTeacher,
     build_input_norm,
     build_student,
     check_model_input,
     describe_mismatch,
-    teacher_dtype,
 )
 from kd.core.optim import build_optimizer, build_scheduler
 from kd.core.precision import autocast, maybe_enable_tf32, resolve_precision
 from kd.core.strategy import build_strategy
 from kd.core.task import DistillationTask
 from kd.core.teacher_cache import TeacherCache, cache_fields, densify
-from kd.core.teachers import TeacherSet, build_teachers
+from kd.core.teachers import (
+    TeacherSet,
+    build_teachers,
+    check_teacher_inputs,
+    hold_as_trained,
+)
 from kd.core.watchdog import report_step
 from kd.data.batch import BatchPreparer
 from kd.data.pipeline import Ranks, RunData
@@ -234,8 +239,6 @@ class Trainer:
         self._check_models(student, teachers)
         self.student_core = student.to(self.device).train()
         self.teachers = teachers.to(self.device) if teachers is not None else None
-        # The first teacher (the only one in most runs).
-        self.teacher = self.teachers[0] if self.teachers is not None else None
         self._speed_up_models()
         # Feature pairs: the student's projectors train with it, in one module.
         self.features = self._build_features() if cfg.distill.features else None
@@ -310,6 +313,11 @@ class Trainer:
         if self.cache is not None:
             self.cache.check_epochs(-(-self.total_steps // self.steps_per_epoch))
 
+    @property
+    def teacher(self) -> FrozenTeacher | None:
+        """The first teacher (the only one in most runs)."""
+        return self.teachers[0] if self.teachers is not None else None
+
     def data_epoch(self, epoch: int) -> int:
         """The epoch of the data order (and augmentation) training epoch ``epoch`` reads: itself,
         or the cached epoch it replays (``distill.cache_cycle``)."""
@@ -322,23 +330,17 @@ class Trainer:
         check_model_input(student, self.student_norm, image, section="student",
                           name=cfg.student.name, image_size=cfg.data.image_size,
                           grey_to_rgb=cfg.data.grey_to_rgb)
-        for i, (teacher, section) in enumerate(zip(teachers or [], teacher_sections(cfg))):
-            check_model_input(teacher.model, teacher.norm, image, section=teacher_key(cfg, i),
-                              name=section.name, image_size=cfg.data.image_size,
-                              teacher_image_size=section.image_size,
-                              grey_to_rgb=cfg.data.grey_to_rgb)
+        if teachers is not None:
+            check_teacher_inputs(cfg, teachers, image)
 
     def _speed_up_models(self) -> None:
         """The teacher's weights in the training dtype (``teacher.dtype``); ``train.compile``
         compiles both models in place, before the strategy wraps the student."""
         cfg = self.cfg
         teachers = list(self.teachers or [])
-        for i, (teacher, section) in enumerate(zip(teachers, teacher_sections(cfg))):
-            dtype = teacher_dtype(section.dtype, self.precision)
-            if dtype != torch.float32:
-                teacher.cast(dtype)
-                log.info("%s weights held in %s (%s.dtype=%s)", teacher_key(cfg, i),
-                         str(dtype).removeprefix("torch."), teacher_key(cfg, i), section.dtype)
+        if self.teachers is not None:
+            for line in hold_as_trained(cfg, self.teachers, self.precision):
+                log.info(line)
         if cfg.train.compile:
             mode = cfg.train.compile_mode
             self.student_core.compile(mode=mode)

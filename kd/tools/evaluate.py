@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kd.config import KDConfig, teacher_key, teacher_sections
+from kd.config import KDConfig, teacher_sections
 from kd.core import checkpoint as ckpt
 from kd.core.dist import DistInfo
 from kd.core.evaluation import eval_record, teacher_results, val_counts
@@ -24,11 +24,10 @@ from kd.core.models import (
     check_model_input,
     describe_mismatch,
     resolve_path,
-    teacher_dtype,
 )
 from kd.core.precision import resolve_precision
 from kd.core.task import DistillationTask
-from kd.core.teachers import build_teachers
+from kd.core.teachers import build_teachers, check_teacher_inputs, hold_as_trained
 from kd.data.pipeline import Ranks, RunData
 from kd.data.tuning import max_workers
 from kd.errors import UserError
@@ -61,12 +60,7 @@ def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path,
     data = RunData(dataclasses.replace(cfg.data, num_workers=workers), cfg.student.channels,
                    cfg.seed, Ranks(info.rank, info.world_size, info.local_world_size),
                    pin_memory=device.type == "cuda", grad_accum_steps=cfg.train.grad_accum_steps)
-    student_state, state, _ = ckpt.load(checkpoint)
-    if ema:
-        if "ema" not in state:
-            raise UserError(f"--ema: checkpoint {checkpoint} holds no EMA of the student (its "
-                            f"run had no train.ema_decay)")
-        student_state = state["ema"]
+    student_state, state, _ = ckpt.load(checkpoint, ema=ema)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, cfg.data.num_classes)
     mismatch = describe_mismatch(student.state_dict(), student_state)
@@ -81,13 +75,9 @@ def evaluate_checkpoint(cfg: KDConfig, info: DistInfo, checkpoint: Path,
     image = data.val_set[0][0][None]
     check_model_input(student, norm, image, section="student", name=cfg.student.name,
                       image_size=cfg.data.image_size, grey_to_rgb=cfg.data.grey_to_rgb)
-    for i, (teacher, section) in enumerate(zip(teachers or [], teacher_sections(cfg))):
-        check_model_input(teacher.model, teacher.norm, image, section=teacher_key(cfg, i),
-                          name=section.name, image_size=cfg.data.image_size,
-                          teacher_image_size=section.image_size,
-                          grey_to_rgb=cfg.data.grey_to_rgb)
-        teacher.cast(teacher_dtype(section.dtype, precision))  # as training held it
     if teachers is not None:
+        check_teacher_inputs(cfg, teachers, image)
+        hold_as_trained(cfg, teachers, precision)  # as training held them
         teachers = teachers.to(device)
     student = student.to(device)
     settings = cfg.distill if teachers is not None else dataclasses.replace(

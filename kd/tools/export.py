@@ -60,12 +60,7 @@ def export_student(checkpoint: str | Path, out: str | Path, ema: bool = False,
     if fmt == "onnx":
         require_onnx()
 
-    student_state, state, config_yaml = ckpt.load(checkpoint)
-    if ema:
-        if "ema" not in state:
-            raise UserError(f"--ema: checkpoint {checkpoint} holds no EMA of the student (its "
-                            f"run had no train.ema_decay); export without --ema")
-        student_state = state["ema"]
+    student_state, _, config_yaml = ckpt.load(checkpoint, ema=ema)
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"

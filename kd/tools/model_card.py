@@ -163,11 +163,11 @@ def describe(cfg: KDConfig, checkpoint: Path, student: nn.Module, ema: bool, onn
     student_entry, teacher_entries = entries[0], entries[1:]
     if record is None:
         student_entry["top1"] = student_entry["top5"] = None
-    state = {"steps": record["step"] if record else "?"}
     return render({"cfg": cfg, "name": f"{cfg.student.name}-kd", "student": student_entry,
                    "teachers": teacher_entries, "images": record["images"] if record else 0,
+                   "steps": record["step"] if record else "?",
                    "device": device_name(device), "command": command, "ema": ema,
-                   "onnx": onnx, **state})
+                   "onnx": onnx})
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:

@@ -53,13 +53,12 @@ from kd.core.models import (
     build_student,
     check_model_input,
     create_timm_model,
-    teacher_dtype,
 )
 from kd.core.optim import build_optimizer
 from kd.core.precision import DTYPES, autocast
 from kd.core.strategy import deepspeed_bucket_size
 from kd.core.task import DistillationTask
-from kd.core.teachers import TeacherSet
+from kd.core.teachers import TeacherSet, check_teacher_inputs, hold_as_trained
 from kd.data.datasets import DigitsDataset
 from kd.errors import UserError, output_error
 from kd.tools.profiler import count_flops_safely, matmul_precision, table_peak, tensor_bytes
@@ -596,22 +595,19 @@ def build_models(cfg: KDConfig, device: torch.device) -> PlanModels:
     if not cached and (cfg.distill.loss != "none" or cfg.distill.features or cfg.teachers
                        or cfg.teacher.checkpoint or cfg.teacher.pretrained):
         members = []
-        for i, section in enumerate(teacher_sections(cfg)):
+        sections = teacher_sections(cfg)
+        for i, section in enumerate(sections):
             # What build_teacher builds, without reading a checkpoint or downloading weights.
             kwargs = dict(section.kwargs)
             model = create_timm_model(section.name, teacher_key(cfg, i),
                                       num_classes=kwargs.pop("num_classes", classes), **kwargs)
             norm = build_input_norm(model, section.mean, section.std, teacher_key(cfg, i))
-            check_model_input(model, norm, image, section=teacher_key(cfg, i), name=section.name,
-                              image_size=data.image_size, teacher_image_size=section.image_size,
-                              grey_to_rgb=data.grey_to_rgb)
-            member = FrozenTeacher(model, norm).to(device)
-            # Held as training holds it: bf16 weights under bf16 autocast (dtype=auto).
-            member.cast(teacher_dtype(section.dtype, plan_precision(cfg.train.precision)))
-            members.append(member)
-        sections = teacher_sections(cfg)
-        teacher = TeacherSet(members, [getattr(s, "weight", 1.0) for s in sections],
-                             [s.image_size for s in sections], [s.name for s in sections])
+            members.append(FrozenTeacher(model, norm))
+        teacher = TeacherSet.from_sections(members, sections)
+        check_teacher_inputs(cfg, teacher, image)
+        teacher = teacher.to(device)
+        # Held as training holds them: bf16 weights under bf16 autocast (dtype=auto).
+        hold_as_trained(cfg, teacher, plan_precision(cfg.train.precision))
     student = student.to(device).train()
     student_norm = student_norm.to(device)
     features = None
