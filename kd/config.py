@@ -191,6 +191,13 @@ class DataConfig:
     mixup_switch_prob: float = _field(0.5, "Probability of CutMix instead of Mixup when both "
                                       "are on.")
     mixup_mode: str = _field("batch", "Mix parameters per `batch`, `pair` or `elem`.")
+    repeated_aug: int = _field(
+        1, "Repeated augmentation (DeiT's sampler; DeiT uses 3): every training image appears "
+        "this many times per epoch, each copy with its own augmentation, the copies side by "
+        "side in the shuffled order so that with this many ranks or more they go to different "
+        "ranks in the same step. An epoch is this many times longer (DeiT's sampler instead "
+        "cuts each epoch to the split's size): to keep a recipe's length in images, divide "
+        "`train.epochs` and `sched.warmup_epochs` by it. 1: off.")
     synthetic_size: int = _field(1024, "Number of training images of the `synthetic` dataset.")
     grey_to_rgb: bool = _field(
         True, "One-channel images (digits) for a model that takes three channels "
@@ -776,6 +783,10 @@ def _validate_data(d: DataConfig) -> None:
                "a transfer set needs an indexed training split; set data.stream=false")
         _check(d.transfer_set != "rest" or bool(d.labels_per_class), "data.transfer_set", "rest",
                "rest is the images data.labels_per_class drops: set data.labels_per_class too")
+    _check(isinstance(d.repeated_aug, int) and d.repeated_aug >= 1, "data.repeated_aug",
+           d.repeated_aug, "an integer >= 1 (1: off; DeiT uses 3)")
+    _check(d.repeated_aug == 1 or not d.stream, "data.repeated_aug", d.repeated_aug,
+           "repeats images of an indexed training split; set data.stream=false")
     _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer,
            "must be > 0 (1: no shuffling within a reader)")
 

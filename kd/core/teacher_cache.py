@@ -17,9 +17,11 @@ outputs from the cache (TinyViT, Wu et al. 2022, made this practical for ImageNe
     manifest.json                    written last by rank 0: the plan, every shard's size and
                                      checksum, totals
 
-**A row** (one image in one epoch) holds the dataset ``index`` (int32), the augmentation
-``seed`` (int32), the top-K logits ``values`` (fp16, largest first), their class ``indices``
-(int16, int32 beyond 32,767 classes) and ``rest``, the log-sum-exp of the other C − K logits
+**A row** (one image in one epoch) holds the dataset ``index`` (int32; with
+``data.repeated_aug`` N the slot, image × N + copy, so each copy keeps its own row), the
+augmentation ``seed`` (int32), the top-K logits ``values`` (fp16, largest first), their class
+``indices`` (int16, int32 beyond 32,767 classes) and ``rest``, the log-sum-exp of the other
+C − K logits
 (fp32): 4K + 12 bytes.
 
 **The distribution the student learns from.** :func:`densify` rebuilds a full logit vector: the
@@ -104,6 +106,8 @@ def cache_fields(data: DataConfig, teacher: TeacherConfig, seed: int, channels: 
         fields[key] = copy.deepcopy(getattr(sections[section], name))
         if key == DATA_KEYS[-1]:
             fields["seed"] = seed
+    if data.repeated_aug > 1:  # rows are slots (image × copy); absent when off, as in old caches
+        fields["data.repeated_aug"] = data.repeated_aug
     fields["channels"] = channels
     fields["dataset size"] = dataset_size
     if mixes(data):  # mixed rows depend on how samples were batched
@@ -242,7 +246,7 @@ class TeacherCache:
 
     def lookup(self, epoch: int, index: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows of data epoch ``epoch`` for dataset indices ``index`` (CPU tensors)."""
+        """Rows of data epoch ``epoch`` for dataset indices (slots) ``index`` (CPU tensors)."""
         table = self._table(epoch)
         covered = table["covered"][index]
         if not bool(covered.all()):

@@ -513,7 +513,8 @@ class Trainer:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "config.yaml", to_yaml(cfg))
-            labelled = getattr(self.train_set, "labelled", self.train_set)  # transfer set
+            images = self.data.train_images
+            labelled = getattr(images, "labelled", images)  # transfer set
             if isinstance(labelled, SubsetDataset):
                 ckpt.atomic_write_text(self.output_dir / "labelled_subset.json",
                                        subset_record(labelled, cfg.data))

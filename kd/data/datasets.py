@@ -76,9 +76,9 @@ def label_out_of_range(num_classes: int, where: str, label: int) -> DataError:
 class WithIndex(Dataset):
     """``dataset[key]`` followed by the dataset index the key asked for (a teacher-output cache
     looks its rows up by it; a replaced unreadable sample keeps the index asked for, as it did
-    when the cache was written)."""
+    when the cache was written). Over :class:`Repeated` the index is the slot."""
 
-    def __init__(self, dataset: KeyedDataset) -> None:
+    def __init__(self, dataset: KeyedDataset | Repeated) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -86,6 +86,33 @@ class WithIndex(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int, list[str], int]:
         return (*self.dataset[key], key[0])
+
+
+class Repeated(Dataset):
+    """Repeated augmentation (``data.repeated_aug``): each image of ``images`` as ``repeats``
+    samples of an epoch. Sample (slot) ``s`` is image ``s // repeats``, augmented with the seed
+    the sampler drew for that slot (see :mod:`kd.data.sampler`); a teacher-output cache keys
+    its rows by slot, so every copy keeps its own teacher output."""
+
+    def __init__(self, images: KeyedDataset, repeats: int) -> None:
+        self.images, self.repeats = images, repeats
+        self.channels, self.on_error = images.channels, images.on_error
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeats
+
+    def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, int, list[str]]:
+        slot, seed = (key, None) if isinstance(key, int) else key
+        return self.images[(slot // self.repeats, seed)]
+
+    def describe(self, slot: int) -> str:
+        return (f"{self.images.describe(slot // self.repeats)} (copy "
+                f"{slot % self.repeats + 1} of {self.repeats})")
+
+
+def repeated(images: KeyedDataset, repeats: int) -> KeyedDataset | Repeated:
+    """``images`` seen ``repeats`` times per epoch (themselves when ``repeats`` is 1)."""
+    return images if repeats == 1 else Repeated(images, repeats)
 
 
 def collate(samples: list[tuple]) -> tuple:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kd.data.datasets import KeyedDataset, WithIndex, collate
+from kd.data.datasets import KeyedDataset, Repeated, WithIndex, collate
 from kd.data.sampler import EvalBatchSampler, TrainBatchSampler
 from kd.data.stream import StreamBatchSampler, WdsStreamDataset
 
@@ -26,7 +26,7 @@ def _loader_kwargs(num_workers: int, pin_memory: bool, prefetch_factor: int, see
     return kwargs
 
 
-def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: int,
+def build_train_loader(dataset: KeyedDataset | Repeated, batch_size: int, seed: int, rank: int,
                        world_size: int, num_workers: int, pin_memory: bool,
                        prefetch_factor: int = 2, stream_slots: int | None = None,
                        recorded_seeds: Callable[[int], torch.Tensor] | None = None
@@ -40,7 +40,8 @@ def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: 
 
     ``recorded_seeds(epoch)`` (a teacher-output cache, :mod:`kd.core.teacher_cache`) replaces
     the epoch's augmentation seeds by the ones the cache recorded, and batches then carry their
-    samples' dataset indices as a fourth item.
+    samples' dataset indices as a fourth item. Over :class:`~kd.data.datasets.Repeated`
+    (``data.repeated_aug``) an epoch holds every image's copies, side by side in the order.
     """
     sampler: TrainBatchSampler | StreamBatchSampler
     if isinstance(dataset, WdsStreamDataset):
@@ -52,8 +53,9 @@ def build_train_loader(dataset: KeyedDataset, batch_size: int, seed: int, rank: 
                         "every shard and keeps 1/%d of its samples; use at least %d shards",
                         len(dataset.shards), units, world_size, slots, units, units)
     else:
+        repeats = dataset.repeats if isinstance(dataset, Repeated) else 1
         sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size,
-                                    recorded_seeds)
+                                    recorded_seeds, repeats)
     source: Dataset = dataset if recorded_seeds is None else WithIndex(dataset)
     return DataLoader(source, batch_sampler=sampler, persistent_workers=num_workers > 0,
                       **_loader_kwargs(num_workers, pin_memory, prefetch_factor, seed))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from kd.config import DataConfig, to_container
 from kd.data.build import build_split
-from kd.data.datasets import KeyedDataset, WithIndex, collate
+from kd.data.datasets import KeyedDataset, WithIndex, collate, repeated
 from kd.data.loaders import build_eval_loader, build_train_loader
 from kd.data.sampler import SampleKey
 from kd.data.tuning import LoaderFactory, resolve_num_workers, train_loader_factory
@@ -68,7 +68,10 @@ class RunData:
                  pin_memory: bool = False, grad_accum_steps: int = 1) -> None:
         self.cfg, self.channels, self.seed, self.ranks = cfg, channels, seed, ranks
         self.pin_memory, self.grad_accum_steps = pin_memory, grad_accum_steps
-        self.train_set = build_split(cfg, "train", channels, seed=seed)
+        # The split (one entry per image) and what the sampler deals: every image
+        # data.repeated_aug times per epoch.
+        self.train_images = build_split(cfg, "train", channels, seed=seed)
+        self.train_set = repeated(self.train_images, cfg.repeated_aug)
         self.global_batch = cfg.batch_size * ranks.world_size * grad_accum_steps
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size,
                                                ranks.world_size, grad_accum_steps)
@@ -76,9 +79,12 @@ class RunData:
     def check_steps(self) -> None:
         """Stop before training when the split cannot fill one optimizer step."""
         if self.steps_per_epoch == 0:
-            raise DataError(f"the training split has {len(self.train_set)} images, fewer than "
-                            f"one optimizer step needs ({self.global_batch} = data.batch_size "
-                            f"× processes × train.grad_accum_steps); lower data.batch_size")
+            repeats = (f" × data.repeated_aug={self.cfg.repeated_aug}"
+                       if self.cfg.repeated_aug > 1 else "")
+            raise DataError(f"the training split has {len(self.train_images)} images{repeats}, "
+                            f"fewer samples than one optimizer step needs ({self.global_batch} "
+                            f"= data.batch_size × processes × train.grad_accum_steps); lower "
+                            f"data.batch_size")
 
     @functools.cached_property
     def val_set(self) -> KeyedDataset:
@@ -116,8 +122,9 @@ class RunData:
                                  cfg.prefetch_factor)
 
     def keyed_loader(self, batches: list[list[SampleKey]]) -> DataLoader:
-        """A loader over the given batches of (index, seed) keys; its batches carry their
-        samples' dataset indices as a fourth item (what the teacher-cache builder replays)."""
+        """A loader over the given batches of (index, seed) keys of :attr:`train_set`; its
+        batches carry their samples' indices (slots) as a fourth item (what the teacher-cache
+        builder replays)."""
         workers = self.num_workers
         return DataLoader(WithIndex(self.train_set), batch_sampler=batches, collate_fn=collate,
                           num_workers=workers,

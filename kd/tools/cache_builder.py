@@ -46,18 +46,19 @@ log = logging.getLogger("kd")
 
 # ----------------------------------------------------------------------------------- building
 def rank_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
-                 mixing: bool) -> list[list[tuple[int, int]]]:
-    """The ``(index, augmentation seed)`` batches rank ``rank`` computes for one epoch.
+                 mixing: bool, repeats: int = 1) -> list[list[tuple[int, int]]]:
+    """The ``(index, augmentation seed)`` batches rank ``rank`` computes for one epoch of
+    ``size`` samples (slots, with ``repeats`` > 1: ``data.repeated_aug``).
 
     Mixing: exactly this rank's training batches (:class:`~kd.data.TrainBatchSampler`).
     Otherwise every sample of the epoch, dealt round-robin from the epoch's order (the last
     batch may be short), so any training layout finds every index.
     """
     if mixing:
-        sampler = TrainBatchSampler(size, batch_size, seed, rank, world_size)
+        sampler = TrainBatchSampler(size, batch_size, seed, rank, world_size, repeats=repeats)
         sampler.set_epoch(epoch)
         return list(sampler)
-    order, seeds = epoch_order(seed, epoch, size)
+    order, seeds = epoch_order(seed, epoch, size, repeats)
     mine = order[rank::world_size].tolist()
     aug = seeds.tolist()
     return [[(i, aug[i]) for i in mine[b:b + batch_size]]
@@ -176,7 +177,8 @@ class CacheBuilder:
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(indices, seeds, teacher input) per batch of this rank's share of ``epoch``."""
         keys = rank_batches(len(self.train_set), self.cfg.data.batch_size, self.cfg.seed, epoch,
-                            self.dist.rank, self.dist.world_size, self.preparer.mixes)
+                            self.dist.rank, self.dist.world_size, self.preparer.mixes,
+                            self.cfg.data.repeated_aug)
         loader = self.data.keyed_loader(keys)
         for b, (images, targets, _bad, index) in enumerate(loader):
             # With mixing, `keys` are this rank's training batches: b is the trainer's

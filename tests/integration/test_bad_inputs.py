@@ -500,6 +500,7 @@ ROWS = [
     row("ema-decay-above-one", ("train.ema_decay=1.5",), "'train.ema_decay'", "(0, 1)"),
     row("best-metric-ema-without-ema", ("checkpoint.best_metric=student_ema_top1",),
         "'checkpoint.best_metric'", "train.ema_decay"),
+    row("repeated-aug-zero", ("data.repeated_aug=0",), "'data.repeated_aug'", ">= 1"),
     row("layer-decay-negative", ("optim.layer_decay=-0.5",), "'optim.layer_decay'", "(0, 1]"),
     row("feature-teacher-index-out-of-range", ("distill.features=[{{teacher_index: 1}}]",),
         "'distill.features[0].teacher_index'", "1 teacher(s)"),

@@ -62,10 +62,12 @@ def assert_close_runs(live, cached, rtol: float = 2e-3, atol: float = 2e-3) -> N
     assert worst < atol, worst
 
 
-@pytest.mark.parametrize("mix", [False, True], ids=["plain", "mixup-cutmix"])
+@pytest.mark.parametrize("extra", [(), MIX, ("data.repeated_aug=3", "train.max_steps=20")],
+                         ids=["plain", "mixup-cutmix", "repeated-aug"])
 def test_cached_run_reproduces_live_run_step_by_step(tiny_teacher: str, tmp_path: Path,
-                                                     mix: bool) -> None:
-    extra = MIX if mix else ()
+                                                     extra: tuple[str, ...]) -> None:
+    """With data.repeated_aug every copy of an image has its own augmentation and row, so a
+    cache keyed by image alone would give copies the wrong teacher outputs."""
     manifest = make_cache(tiny_teacher, tmp_path / "cache", *extra)  # K = 4 = every class
     assert manifest["top_k"] == 4 and manifest["epochs"] == 2
     live = train_tiny(tiny_teacher, tmp_path / "live", *extra, *STEPWISE)
@@ -191,6 +193,7 @@ def built(tiny_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("seed=7", "seed: the cache has 0, this run 7"),
     ("teacher.kwargs.depth=2", "teacher.kwargs"),
     ("data.synthetic_size=96", "dataset size: the cache has 128, this run 96"),
+    ("data.repeated_aug=2", "data.repeated_aug: the cache has null, this run 2"),
     ("distill.cache_top_k=2", "distill.cache_top_k=2 but"),
 ])
 def test_a_cache_for_another_config_is_refused(tiny_teacher: str, built: Path, tmp_path: Path,

@@ -29,24 +29,29 @@ class Killed(Exception):
 def record_samples(trainer: Trainer) -> list[tuple[int, int]]:
     """Every training sample the trainer reads, as (index, augmentation seed)."""
     seen: list[tuple[int, int]] = []
-    get = trainer.train_set.get
+    images = trainer.data.train_images
+    get = images.get
 
     def recording_get(index: int, seed: int | None):
         if seed is not None:  # evaluation reads unaugmented samples
             seen.append((index, seed))
         return get(index, seed)
 
-    trainer.train_set.get = recording_get
+    images.get = recording_get
     return seen
 
 
-def test_mid_epoch_resume_reads_exactly_the_unseen_batches(tiny_teacher, tmp_path):
-    """8 steps per epoch of 16 images; killed during step 7, last checkpoint at step 6."""
-    straight = Trainer(tiny_config(tiny_teacher, tmp_path / "a", "checkpoint.every_steps=3"))
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_mid_epoch_resume_reads_exactly_the_unseen_batches(tiny_teacher, tmp_path, repeats):
+    """8 steps per epoch of 16 images (24 with each image 3 times: data.repeated_aug=3);
+    killed during step 7, last checkpoint at step 6."""
+    extra = ("checkpoint.every_steps=3", f"data.repeated_aug={repeats}", "train.max_steps=12")
+    straight = Trainer(tiny_config(tiny_teacher, tmp_path / "a", *extra))
     all_samples = record_samples(straight)
     straight.train()
 
-    first = Trainer(tiny_config(tiny_teacher, tmp_path / "b", "checkpoint.every_steps=3"))
+    first = Trainer(tiny_config(tiny_teacher, tmp_path / "b", *extra))
+    assert first.steps_per_epoch == 8 * repeats
     before = record_samples(first)
 
     def kill_at_7(t: Trainer) -> None:
@@ -55,15 +60,21 @@ def test_mid_epoch_resume_reads_exactly_the_unseen_batches(tiny_teacher, tmp_pat
 
     with pytest.raises(Killed):
         first.train(on_step=kill_at_7)
-    second = Trainer(tiny_config(tiny_teacher, tmp_path / "b", "checkpoint.every_steps=3"))
+    second = Trainer(tiny_config(tiny_teacher, tmp_path / "b", *extra))
     assert second.step == 6
     after = record_samples(second)
     second.train()
 
     committed = before[:6 * 16]  # step 7's batch was read but never committed
     assert committed + after == all_samples
-    epoch0 = committed + after[:2 * 16]
-    assert sorted(i for i, _ in epoch0) == list(range(128))  # each sample once in the epoch
+    if repeats == 1:
+        epoch0 = committed + after[:2 * 16]
+        assert sorted(i for i, _ in epoch0) == list(range(128))  # each sample once in the epoch
+    else:  # 12 of 24 steps: images come in runs of 3 copies, each copy with its own seed
+        assert len(all_samples) == 12 * 16
+        for k in range(0, len(all_samples), repeats):
+            copies = all_samples[k:k + repeats]
+            assert len({i for i, _ in copies}) == 1 and len({s for _, s in copies}) == repeats
 
 
 @pytest.mark.parametrize("world", [2, 4])

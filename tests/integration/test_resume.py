@@ -90,6 +90,7 @@ PARITY_CASES = {
                                   "teacher: blocks.0.mlp, loss: mse, tokens: pooled}]",
                                   "distill.projector=mlp"]),
     "layer-decay": (4, 13, 12, ["optim.layer_decay=0.5", "train.log_lr_groups=true"]),
+    "repeated-aug": (4, 13, 12, ["data.repeated_aug=2", "train.max_steps=24"]),  # mid-epoch 0
     "ema": (4, 13, 12, ["train.ema_decay=0.9", "train.ema_warmup=true",
                         "checkpoint.best_metric=student_ema_top1"]),
 }

@@ -134,6 +134,63 @@ def test_sampler_docstring_example() -> None:
     assert (len(s), len(list(s))) == (5, 4)
 
 
+@pytest.mark.parametrize("repeats, world_size", [(3, 1), (3, 3), (3, 4), (2, 2)])
+def test_repeated_augmentation_shows_each_image_n_times_on_n_ranks(repeats: int,
+                                                                   world_size: int) -> None:
+    """data.repeated_aug: an epoch holds every image `repeats` times, each copy with its own
+    seed; with at least `repeats` ranks the copies of an image go to different ranks in the
+    same step (DeiT's sampler), and a mid-epoch resume yields the rest of the epoch."""
+    images, batch = 24, 2
+    size = images * repeats
+    per_rank = []
+    for rank in range(world_size):
+        s = TrainBatchSampler(size, batch, seed=4, rank=rank, world_size=world_size,
+                              repeats=repeats)
+        s.set_epoch(1)
+        per_rank.append(batches(s))
+        assert len(s) == size // (batch * world_size)
+        resumed = TrainBatchSampler(size, batch, seed=4, rank=rank, world_size=world_size,
+                                    repeats=repeats)
+        resumed.set_epoch(1, start_batch=3)
+        assert batches(resumed) == per_rank[-1][3:]
+    keys = [(slot, seed, rank, b) for rank, bs in enumerate(per_rank)
+            for b, chunk in enumerate(bs) for slot, seed in chunk]
+    usable = len(per_rank[0]) * batch * world_size
+    assert len({slot for slot, *_ in keys}) == len(keys) == usable  # every slot once
+    seen = Counter(slot // repeats for slot, *_ in keys)
+    if usable == size:
+        assert seen == {i: repeats for i in range(images)}
+    assert len({seed for _, seed, *_ in keys}) == len(keys)  # every copy its own augmentation
+    if world_size >= repeats:
+        by_image: dict[int, list[tuple[int, int]]] = {}
+        for slot, _, rank, b in keys:
+            by_image.setdefault(slot // repeats, []).append((rank, b))
+        for where in by_image.values():
+            ranks, steps = {r for r, _ in where}, {b for _, b in where}
+            assert len(ranks) == len(where)  # copies on different ranks
+            assert max(steps) - min(steps) <= 1  # in the same step, or the next at a seam
+
+
+def test_repeated_augmentation_of_one_is_the_plain_order() -> None:
+    plain, once = TrainBatchSampler(40, 4, seed=2), TrainBatchSampler(40, 4, seed=2, repeats=1)
+    for s in (plain, once):
+        s.set_epoch(3)
+    assert batches(plain) == batches(once)
+
+
+def test_repeated_dataset_augments_each_copy_on_its_own() -> None:
+    from kd.data.datasets import Repeated
+
+    images = SyntheticDataset(10, num_classes=4, image_size=8, channels=3)
+    view = Repeated(images, 3)
+    assert len(view) == 30 and view.channels == images.channels
+    copies = [view[(slot, 100 + slot)] for slot in (12, 13, 14)]  # image 4, three seeds
+    assert {label for _, label, _ in copies} == {images[(4, None)][1]}
+    assert not torch.equal(copies[0][0], copies[1][0])
+    assert torch.equal(view[(13, 7)][0], images[(4, 7)][0])  # slot 13 is image 4
+    assert "copy 2 of 3" in view.describe(13)
+
+
 # ------------------------------------------------------------------------------------------
 # EvalBatchSampler
 # ------------------------------------------------------------------------------------------
