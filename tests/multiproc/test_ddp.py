@@ -125,18 +125,21 @@ FEATURES = ["distill.features=[{student: 0, teacher: 0}, {student: -1, teacher: 
             "tokens: pooled, weight: 0.5}]", "optim.layer_decay=0.6"]
 
 
-@pytest.mark.parametrize("strategy", [["optim.zero=true"],
-                                      ["dist.strategy=deepspeed", "dist.zero_stage=2"]],
-                         ids=["ddp-zero", "deepspeed-2"])
-def test_feature_pairs_and_layer_decay_in_two_processes_match_one(base, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, both", [
+    (["optim.zero=true"], ["data.repeated_aug=2", "train.max_steps=16"]),
+    (["dist.strategy=deepspeed", "dist.zero_stage=2"], [])], ids=["ddp-zero", "deepspeed-2"])
+def test_feature_pairs_and_layer_decay_in_two_processes_match_one(base, tmp_path, strategy,
+                                                                  both):
     """The projectors live in the module the strategy wraps: synchronised and sharded like the
     student, so two processes train the same student (and projectors) as one; the layer-decay
-    groups (optim.layer_decay) survive ZeRO's and DeepSpeed's sharding."""
+    groups (optim.layer_decay) survive ZeRO's and DeepSpeed's sharding; repeated augmentation
+    (data.repeated_aug) gives a step of two ranks the same copies as a step of one."""
     if "dist.strategy=deepspeed" in strategy:
         pytest.importorskip("deepspeed", reason="the deepspeed extra is part of .[dev]")
     one, two = tmp_path / "one", tmp_path / "two"
-    ok(single(*base, *FEATURES, f"output_dir={one}", "data.batch_size=16"))
-    ok(torchrun(2, *base, *FEATURES, *strategy, f"output_dir={two}", "data.batch_size=8"))
+    ok(single(*base, *FEATURES, *both, f"output_dir={one}", "data.batch_size=16"))
+    ok(torchrun(2, *base, *FEATURES, *strategy, *both, f"output_dir={two}",
+                "data.batch_size=8"))
     assert max_diff(weights(two), weights(one)) < ATOL
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_feat_1"] is not None for r in records if "split" not in r)
