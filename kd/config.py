@@ -177,6 +177,11 @@ class DataConfig:
         "decoding only: a failing augmentation always stops the run.")
     augment: bool = _field(True, "Training augmentation (digits: a mild random affine; "
                            "image datasets: timm's train transform below).")
+    pipeline: str = _field(
+        "kd", "How image datasets run the training transform below: `kd` (timm's transform in "
+        "tensor form: the same random draws, a crop decoded at a reduced JPEG scale when it "
+        "allows, antialiased tensor resizing and affine ops; falls back to timm's for steps it "
+        "has no tensor form of) or `timm` (timm's PIL transform, the reference).")
     auto_augment: str | None = _field(
         None, "timm auto-augment policy for image datasets, e.g. `rand-m9-mstd0.5-inc1` "
         "(RandAugment); null: none.")
@@ -399,6 +404,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("digits", "synthetic", "imagefolder", "wds", "hf"),
     "data.on_error": ("skip", "fail"),
     "data.mixup_mode": ("batch", "pair", "elem"),
+    "data.pipeline": ("kd", "timm"),
     "distill.loss": ("none", "soft", "hard", "token", "dkd"),
     "distill.token_loss": ("soft", "hard"),
     "distill.projector": ("linear", "mlp", "none"),

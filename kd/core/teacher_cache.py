@@ -61,16 +61,18 @@ log = logging.getLogger("kd")
 
 # 2: kd's own posterize and random erasing (kd.data.augment) changed the augmented images of
 # recipes with data.re_prob or RandAugment, so caches of format 1 no longer match their runs.
-FORMAT = 2
+# 3: data.pipeline (kd's tensor transform, the default) changed the augmented pixels of image
+# datasets.
+FORMAT = 3
 PLAN_FILE, MANIFEST_FILE = "plan.json", "manifest.json"
 # Config keys a cache must share with the run that reads it (checked one by one, named when
 # they differ). ``seed`` orders the data and draws the augmentation seeds.
 DATA_KEYS = ("data.name", "data.root", "data.train_shards", "data.hf_image_key",
              "data.hf_label_key", "data.num_classes", "data.labels_per_class",
              "data.subset_seed", "data.transfer_set", "data.image_size")
-AUGMENT_KEYS = ("data.augment", "data.auto_augment", "data.color_jitter", "data.re_prob",
-                "data.scale", "data.hflip", "data.mixup", "data.cutmix", "data.mixup_prob",
-                "data.mixup_switch_prob", "data.mixup_mode")
+AUGMENT_KEYS = ("data.augment", "data.pipeline", "data.auto_augment", "data.color_jitter",
+                "data.re_prob", "data.scale", "data.hflip", "data.mixup", "data.cutmix",
+                "data.mixup_prob", "data.mixup_switch_prob", "data.mixup_mode")
 TEACHER_KEYS = ("teacher.name", "teacher.kwargs", "teacher.checkpoint", "teacher.pretrained",
                 "teacher.mean", "teacher.std", "teacher.image_size")
 ROW_TENSORS = ("index", "seed", "values", "indices", "rest")

@@ -9,6 +9,7 @@ function of it; with ``None`` the sample is returned unaugmented (evaluation).
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,10 @@ from torch.utils.data import Dataset
 from kd.config import DataConfig
 from kd.data.augment import PixelErasing, fix_posterize, run_steps, seeded, transform_steps
 from kd.data.sampler import SampleKey
+from kd.data.tensor_transform import TensorTrainTransform, tensor_transform
 from kd.errors import DataError
+
+log = logging.getLogger("kd")
 
 # Errors that mean "this sample's file is unreadable" (PIL raises OSError subclasses for
 # truncated and unidentified images, tarfile ReadError is an OSError too).
@@ -261,8 +265,7 @@ class ImageFolderDataset(KeyedDataset):
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
         source, label = self.reader[index][:2]
-        return (transform_image(self.transform, decode_rgb(source), seed, self.describe(index)),
-                int(label))
+        return load_image(self.transform, source, seed, self.describe(index)), int(label)
 
 
 def decode_rgb(source: str | Path | bytes | BinaryIO) -> Any:
@@ -286,15 +289,24 @@ def build_image_transform(image_size: int, train: bool,
 
     ``use_prefetcher=True``: normalising happens on the device, separately for student and
     teacher. ``transform_kwargs`` (see :func:`train_transform_kwargs`) apply to training only;
-    their posterize ops and random erasing are kd's (see :mod:`kd.data.augment`).
+    their posterize ops and random erasing are kd's (see :mod:`kd.data.augment`). With
+    ``pipeline: kd`` among them, training gets the transform's tensor form
+    (:class:`kd.data.tensor_transform.TensorTrainTransform`) where it has one.
     """
     from timm.data import create_transform
 
     kwargs = dict(transform_kwargs or {}) if train else {}
+    pipeline = kwargs.pop("pipeline", "timm")
     transform = create_transform(image_size, is_training=train, use_prefetcher=True, **kwargs)
     fix_posterize(transform)
     if kwargs.get("re_prob", 0) > 0:  # timm leaves erasing to its prefetcher: kd does it here
         transform.transforms.append(PixelErasing(kwargs["re_prob"]))
+    if pipeline == "kd" and train:
+        fast = tensor_transform(transform)
+        if fast is not None:
+            return fast
+        log.info("data.pipeline=kd: a step of the training transform has no tensor form; "
+                 "using timm's transform")
     return transform
 
 
@@ -315,6 +327,22 @@ def transform_image(transform: Callable[[Any], Any], img: Any, seed: int | None,
 
 
 def train_transform_kwargs(cfg: DataConfig) -> dict[str, Any]:
-    """timm ``create_transform`` arguments for training from the ``data`` config section."""
+    """timm ``create_transform`` arguments for training from the ``data`` config section, and
+    the pipeline that runs them (``data.pipeline``)."""
     return {"auto_augment": cfg.auto_augment, "color_jitter": cfg.color_jitter,
-            "re_prob": cfg.re_prob, "scale": tuple(cfg.scale), "hflip": cfg.hflip}
+            "re_prob": cfg.re_prob, "scale": tuple(cfg.scale), "hflip": cfg.hflip,
+            "pipeline": cfg.pipeline}
+
+
+def load_image(transform: Any, source: str | Path | bytes | BinaryIO, seed: int | None,
+               where: str) -> torch.Tensor:
+    """Decode ``source`` and transform it: the one way every image dataset reads a sample.
+
+    kd's tensor transform plans the augmentation first and decodes at the scale the crop
+    allows; timm's decodes, then transforms (:func:`transform_image`). Either way the result is
+    a pure function of ``seed``, an unreadable image raises OSError and a failing augmentation
+    an :class:`~kd.errors.AugmentationError`.
+    """
+    if isinstance(transform, TensorTrainTransform):
+        return seeded(lambda: transform(source, where), seed)
+    return transform_image(transform, decode_rgb(source), seed, where)

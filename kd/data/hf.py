@@ -27,9 +27,8 @@ import torch
 from kd.data.datasets import (
     KeyedDataset,
     build_image_transform,
-    decode_rgb,
     label_out_of_range,
-    transform_image,
+    load_image,
 )
 from kd.errors import DataError
 
@@ -147,5 +146,5 @@ class HFDiskDataset(KeyedDataset):
         image = row[self.image_key]
         if image is None:
             raise ValueError(f"no image ({self.image_key} is null)")
-        img = decode_rgb(image["bytes"] if image["bytes"] is not None else image["path"])
-        return transform_image(self.transform, img, seed, self.describe(index)), int(label)
+        source = image["bytes"] if image["bytes"] is not None else image["path"]
+        return load_image(self.transform, source, seed, self.describe(index)), int(label)

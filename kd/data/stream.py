@@ -68,9 +68,8 @@ from kd.data.datasets import (
     SAMPLE_ERRORS,
     KeyedDataset,
     build_image_transform,
-    decode_rgb,
     label_out_of_range,
-    transform_image,
+    load_image,
 )
 from kd.data.wds import IMAGE_EXTS, LABEL_EXTS, find_shards, parse_label, scan_shard, split_name
 from kd.errors import DataError
@@ -329,8 +328,7 @@ class WdsStreamDataset(KeyedDataset):
             raise ValueError(sample.error)
         if sample.label >= self.num_classes:
             raise label_out_of_range(self.num_classes, sample.where, sample.label)
-        image = decode_rgb(sample.image)
-        return transform_image(self.transform, image, seed, sample.where), sample.label
+        return load_image(self.transform, sample.image, seed, sample.where), sample.label
 
     def __getitems__(self, keys: list[StreamKey]) -> list[tuple[torch.Tensor, int, list[str]]]:
         epoch, units, unit, first = keys[0]

@@ -34,9 +34,8 @@ from kd.data.datasets import (
     UNLABELLED,
     KeyedDataset,
     build_image_transform,
-    decode_rgb,
+    load_image,
     train_transform_kwargs,
-    transform_image,
 )
 from kd.data.subset import SubsetDataset, dataset_targets
 from kd.data.wds import build_wds_dataset
@@ -73,8 +72,7 @@ class UnlabelledFolder(KeyedDataset):
         return np.full(len(self), UNLABELLED, dtype=np.int64)
 
     def get(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
-        image = decode_rgb(self.files[index])
-        return transform_image(self.transform, image, seed, self.files[index]), UNLABELLED
+        return load_image(self.transform, self.files[index], seed, self.files[index]), UNLABELLED
 
 
 class WithoutLabels(KeyedDataset):

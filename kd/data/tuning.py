@@ -228,8 +228,14 @@ class Measurement:
     seconds: float  # measured time (warm-up excluded)
     loader_cpus: float = 0.0  # CPUs the loader kept busy: this process and its workers
 
+    @property
+    def img_per_core(self) -> float:
+        """Images/s per CPU the loader kept busy: the per-core rate of the data pipeline (what
+        ``kd plan`` multiplies by the cores a GPU has)."""
+        return self.img_per_s / self.loader_cpus if self.loader_cpus > 0 else float("nan")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "img_per_core": round(self.img_per_core, 2)}
 
 
 def _batch_len(batch: Any) -> int:
@@ -567,8 +573,9 @@ def _entry(choice: AutoChoice, fields: dict[str, Any], cache_key: dict[str, Any]
 def _from_entry(entry: dict[str, Any], cap: int, path: Path) -> AutoChoice:
     measurements = []
     for m in entry.get("measurements") or []:
-        with contextlib.suppress(TypeError):
-            measurements.append(Measurement(**m))
+        with contextlib.suppress(TypeError):  # derived values (img_per_core) are not fields
+            measurements.append(Measurement(**{k: v for k, v in m.items()
+                                               if k in Measurement.__dataclass_fields__}))
     return AutoChoice(min(entry["num_workers"], cap), cap, True, path, measurements,
                       entry.get("probe_batch_size"))
 

@@ -64,9 +64,8 @@ from kd.data.datasets import (
     UNLABELLED,
     KeyedDataset,
     build_image_transform,
-    decode_rgb,
     label_out_of_range,
-    transform_image,
+    load_image,
 )
 from kd.errors import DataError
 
@@ -335,8 +334,7 @@ class WdsDataset(KeyedDataset):
         label = int(self.labels[index])
         if label == BAD_LABEL:
             raise ValueError(self.label_errors[index])
-        image = decode_rgb(self.read_bytes(index))
-        return transform_image(self.transform, image, seed, self.describe(index)), label
+        return load_image(self.transform, self.read_bytes(index), seed, self.describe(index)), label
 
 
 def build_wds_dataset(split: str, *, root: str | None, shards: str | None, image_size: int,

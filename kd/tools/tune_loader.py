@@ -121,14 +121,15 @@ def print_table(result: TuneResult) -> None:
                   f"{cpu_budget()} CPUs, {result.local_world_size} rank(s) per node, "
                   f"cap {result.cap}",
                   caption="CPU %: utilisation of this process's CPUs, all processes; loader "
-                  "CPUs: CPUs busy in the loader (main + workers); wait/batch: time the consumer "
-                  "waited per batch")
-    for name in ("workers", "prefetch", "images/s", "CPU %", "loader CPUs", "wait/batch (ms)",
-                 "recommended"):
+                  "CPUs: CPUs busy in the loader (main + workers); per core: images/s ÷ loader "
+                  "CPUs; wait/batch: time the consumer waited per batch")
+    for name in ("workers", "prefetch", "images/s", "per core", "CPU %", "loader CPUs",
+                 "wait/batch (ms)", "recommended"):
         table.add_column(name, justify="right")
     for m in result.measurements:
         table.add_row(str(m.workers), str(m.prefetch_factor or "-"), f"{m.img_per_s:.1f}",
-                      f"{m.cpu_percent:.0f}", f"{m.loader_cpus:.2f}", f"{m.wait_ms:.1f}",
+                      f"{m.img_per_core:.1f}", f"{m.cpu_percent:.0f}", f"{m.loader_cpus:.2f}",
+                      f"{m.wait_ms:.1f}",
                       "✓" if m is result.recommended else
                       "above cap" if m.workers > result.cap else "")
     Console(width=110).print(table)

@@ -15,7 +15,7 @@ from kd.cli import main
 from tests.conftest import TINY, run_kd
 from tests.integration.conftest import assert_one_line_user_error
 
-COLUMNS = ("workers", "prefetch", "images/s", "CPU %", "wait/batch (ms)")
+COLUMNS = ("workers", "prefetch", "images/s", "per core", "CPU %", "wait/batch (ms)")
 RECOMMENDED = re.compile(r"^recommended: data\.num_workers=(\d+)(?: data\.prefetch_factor=(\d+))?$",
                          re.MULTILINE)
 
@@ -55,6 +55,9 @@ def test_tune_loader_prints_plots_and_recommends(jpeg_folder: Path, tmp_path: Pa
     for r in saved["measurements"]:
         assert r["img_per_s"] > 0 and r["batch_size"] == 4 and r["batches"] >= 3
         assert 0 <= r["cpu_percent"] <= 100 and r["wait_ms"] >= 0
+        if r["loader_cpus"] > 0:  # images/s per core the loader kept busy
+            assert r["img_per_core"] == pytest.approx(r["img_per_s"] / r["loader_cpus"],
+                                                      rel=0.01)
     assert saved["max_workers"] == 2 and saved["batch_size"] == 4
     assert (out / "tune_loader.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,0 +1,460 @@
+"""timm's training transform in tensor form: the same random draws, torch kernels, any device.
+
+``data.pipeline: kd`` (the default) trains image datasets through :class:`TensorTrainTransform`
+instead of timm's PIL transform. It is built *from* timm's transform
+(:func:`kd.data.datasets.build_image_transform`), whose steps it reads for their settings, and it
+works in two stages:
+
+1. :meth:`TensorTrainTransform.plan` draws every random parameter of one sample — crop box,
+   interpolation, flip, colour jitter, the RandAugment / AutoAugment ops and their magnitudes,
+   the erased rectangle and its noise — from Python's, NumPy's and torch's generators in the
+   order timm's own steps draw them. Under :func:`kd.data.augment.seeded` the plan is therefore
+   the one timm would have drawn for that seed (tested against timm), and it needs only the
+   source image's size, not its pixels.
+2. :meth:`TensorTrainTransform.apply` runs the plan on a uint8 (C, H, W) tensor on any device:
+   crop and antialiased resize (``F.interpolate``), flips, affine ops by ``grid_sample`` with
+   PIL's pixel-centre convention and fill colour, and the colour ops with PIL's formulas.
+
+On the CPU (:meth:`TensorTrainTransform.__call__`) the JPEG is decoded at a reduced scale when the
+crop allows it (libjpeg's DCT scaling through PIL's ``draft``: the crop must still have at least
+the output's side at that scale, so no pixel is upsampled that would not have been), and the
+image stays uint8 from the decoder to the loader's batch.
+
+Pixels differ from timm's PIL output only by resampling and rounding details (a mean absolute
+difference of about one grey level, tested per op); the distribution of every parameter is
+timm's. Steps kd has no tensor form for (AugMix, a vertical flip, custom transforms) make
+:func:`tensor_transform` return None, and the dataset keeps timm's PIL transform. RandAugment /
+AutoAugment ops without a tensor form (``GaussianBlur``, ``Desaturate``, ...; :data:`TENSOR_OPS`
+names those that have one) run through PIL one by one. On the CPU the colour ops run through
+PIL too: its lookup tables beat tensor arithmetic on one image there, with the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kd.data.augment import ERASE_MEAN, ERASE_STD, PixelErasing, run_steps, transform_steps
+
+# ------------------------------------------------------------------------------ colour and shape
+# The RandAugment / AutoAugment ops kd runs as tensors, by timm's op name. Each takes the uint8
+# image, timm's level arguments, the fill colour and the interpolation.
+
+
+def _blend(degenerate: torch.Tensor, image: torch.Tensor, factor: float) -> torch.Tensor:
+    """PIL's ``Image.blend(degenerate, image, factor)``: clipped, truncated to uint8."""
+    out = degenerate.float() + factor * (image.float() - degenerate.float())
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _grey(image: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB → L conversion (ITU-R 601-2 luma, rounded), as a (1, H, W) uint8 tensor."""
+    r, g, b = image.int().unbind(0)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[None]
+
+
+def affine(image: torch.Tensor, matrix: tuple[float, ...], fill: tuple[int, ...],
+           mode: str) -> torch.Tensor:
+    """PIL's ``Image.transform(size, AFFINE, matrix)``: output pixel (x, y) samples the input at
+    ``(a·x' + b·y' + c, d·x' + e·y' + f)`` with x' = x + ½ (pixel centres); outside, ``fill``.
+
+    The matrix is rewritten for ``affine_grid``'s normalised coordinates (align_corners=False:
+    u = 2x'/W − 1), so the sampling grid is built by one kernel.
+    """
+    _, h, w = image.shape
+    a, b, c, d, e, f = matrix
+    theta = torch.tensor([[a, b * h / w, a + b * h / w + 2 * c / w - 1],
+                          [d * w / h, e, d * w / h + e + 2 * f / h - 1]],
+                         dtype=torch.float32, device=image.device)
+    grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
+    x = torch.cat((image.float(), torch.ones((1, h, w), device=image.device)))[None]
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    colour = torch.tensor(fill, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+    out = out[:-1].add_((1 - out[-1:]) * colour)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def rotation_matrix(degrees: float, w: int, h: int) -> tuple[float, ...]:
+    """The affine matrix of PIL's ``Image.rotate(degrees)`` about the image centre."""
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    cx, cy = w / 2.0, h / 2.0
+    return (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
+
+
+def _autocontrast(image: torch.Tensor, *_: Any) -> torch.Tensor:
+    """PIL's ``ImageOps.autocontrast``: per channel a lookup table ``int(x · scale + offset)``
+    (Python floats, as PIL builds it) stretching [lo, hi] to [0, 255]; a constant channel stays
+    as it is."""
+    lows, highs = image.amin(dim=(1, 2)).tolist(), image.amax(dim=(1, 2)).tolist()
+    out = []
+    for channel, lo, hi in zip(image, lows, highs, strict=True):
+        if hi <= lo:
+            out.append(channel)
+            continue
+        scale = 255.0 / (hi - lo)
+        offset = -lo * scale
+        lut = [min(255, max(0, int(i * scale + offset))) for i in range(256)]
+        table = torch.tensor(lut, dtype=torch.uint8, device=image.device)
+        out.append(table[channel.long()])
+    return torch.stack(out)
+
+
+def _equalize(image: torch.Tensor, *_: Any) -> torch.Tensor:
+    """PIL's ``ImageOps.equalize``: per channel, a lookup table from the histogram."""
+    out = []
+    for channel in image:
+        hist = torch.bincount(channel.reshape(-1).long(), minlength=256)
+        nonzero = hist[hist > 0]
+        step = int((nonzero.sum() - nonzero[-1]) // 255) if len(nonzero) else 0
+        if step == 0:
+            out.append(channel)
+            continue
+        lut = (torch.cumsum(hist, 0) - hist + step // 2) // step
+        out.append(lut.clamp_(0, 255).to(torch.uint8)[channel.long()])
+    return torch.stack(out)
+
+
+def _posterize(image: torch.Tensor, bits: int, *_: Any) -> torch.Tensor:
+    if bits >= 8:
+        return image
+    mask = 0 if bits <= 0 else 0xFF & ~(2 ** (8 - bits) - 1)  # as kd.data.augment.posterize
+    return image & mask
+
+
+def _solarize(image: torch.Tensor, thresh: float, *_: Any) -> torch.Tensor:
+    return torch.where(image >= thresh, 255 - image, image)
+
+
+def _solarize_add(image: torch.Tensor, add: int, thresh: int = 128, *_: Any) -> torch.Tensor:
+    return torch.where(image < thresh, (image.int() + add).clamp_(max=255).to(torch.uint8),
+                       image)
+
+
+def _colour(image: torch.Tensor, factor: float, *_: Any) -> torch.Tensor:
+    return _blend(_grey(image).expand_as(image), image, factor)
+
+
+def _contrast(image: torch.Tensor, factor: float, *_: Any) -> torch.Tensor:
+    mean = int(_grey(image).float().mean().item() + 0.5)
+    return _blend(torch.full_like(image, mean), image, factor)
+
+
+def _brightness(image: torch.Tensor, factor: float, *_: Any) -> torch.Tensor:
+    return _blend(torch.zeros_like(image), image, factor)
+
+
+def _sharpness(image: torch.Tensor, factor: float, *_: Any) -> torch.Tensor:
+    """PIL's ``ImageEnhance.Sharpness``: a blend with the SMOOTH-filtered image, whose border
+    pixels PIL leaves unfiltered."""
+    x = image.float()[None]
+    # SMOOTH is (3×3 box sum + 4 × centre) / 13: a box filter, not a general convolution.
+    smooth = (F.avg_pool2d(x, 3, stride=1) * 9 + 4 * x[..., 1:-1, 1:-1]).div_(13)[0].round_()
+    degenerate = image.float().clone()
+    degenerate[:, 1:-1, 1:-1] = smooth
+    return _blend(degenerate, image, factor)
+
+
+def _invert(image: torch.Tensor, *_: Any) -> torch.Tensor:
+    return 255 - image
+
+
+def _geometric(kind: str) -> Any:
+    def op(image: torch.Tensor, level: float, fill: tuple[int, ...], mode: str) -> torch.Tensor:
+        _, h, w = image.shape
+        matrix = {"rotate": lambda: rotation_matrix(level, w, h),
+                  "shear_x": lambda: (1, level, 0, 0, 1, 0),
+                  "shear_y": lambda: (1, 0, 0, level, 1, 0),
+                  "translate_x": lambda: (1, 0, level, 0, 1, 0),
+                  "translate_y": lambda: (1, 0, 0, 0, 1, level),
+                  "translate_x_rel": lambda: (1, 0, level * w, 0, 1, 0),
+                  "translate_y_rel": lambda: (1, 0, 0, 0, 1, level * h)}[kind]()
+        return affine(image, matrix, fill, mode)
+    return op
+
+
+GEOMETRIC_OPS = {"Rotate": "rotate", "ShearX": "shear_x", "ShearY": "shear_y",
+                 "TranslateX": "translate_x", "TranslateY": "translate_y",
+                 "TranslateXRel": "translate_x_rel", "TranslateYRel": "translate_y_rel"}
+TENSOR_OPS: dict[str, Any] = {
+    "AutoContrast": _autocontrast, "Equalize": _equalize, "Invert": _invert,
+    "Posterize": _posterize, "PosterizeIncreasing": _posterize, "PosterizeOriginal": _posterize,
+    "Solarize": _solarize, "SolarizeIncreasing": _solarize, "SolarizeAdd": _solarize_add,
+    "Color": _colour, "ColorIncreasing": _colour, "Contrast": _contrast,
+    "ContrastIncreasing": _contrast, "Brightness": _brightness,
+    "BrightnessIncreasing": _brightness, "Sharpness": _sharpness,
+    "SharpnessIncreasing": _sharpness,
+    **{name: _geometric(kind) for name, kind in GEOMETRIC_OPS.items()},
+}
+_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resampling filters by value
+
+
+def _mode(interpolation: Any) -> str:
+    """grid_sample / interpolate mode of a PIL or torchvision interpolation."""
+    value = getattr(interpolation, "value", interpolation)
+    if isinstance(value, str):
+        return {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}[value]
+    return _MODES[int(value)]
+
+
+# ----------------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """Every random choice of one sample's augmentation (see the module docstring)."""
+
+    box: tuple[int, int, int, int]  # top, left, height, width in source pixels
+    interpolation: str
+    flip: bool = False
+    jitter: tuple[Any, ...] | None = None  # torchvision ColorJitter's (order, b, c, s, h)
+    ops: list[tuple[Any, tuple[Any, ...], str]] = field(default_factory=list)  # op, args, mode
+    erase: tuple[int, int, torch.Tensor] | None = None  # top, left, N(0, 1) noise (C, h, w)
+
+
+class TensorTrainTransform:
+    """timm's training transform ``timm_transform`` (built by kd) in tensor form.
+
+    Build it with :func:`tensor_transform`, which returns None when a step has no tensor form.
+    """
+
+    def __init__(self, timm_transform: Any) -> None:
+        from timm.data.auto_augment import AutoAugment, RandAugment
+        from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+        from torchvision import transforms as T
+
+        self.timm_transform = timm_transform
+        self.steps: list[tuple[str, Any]] = []
+        for step in transform_steps(timm_transform):
+            if isinstance(step, RandomResizedCropAndInterpolation):
+                kind = "crop"
+            elif isinstance(step, T.RandomHorizontalFlip):
+                kind = "hflip"
+            elif isinstance(step, T.ColorJitter):
+                kind = "jitter"
+            elif isinstance(step, RandAugment):
+                kind = "randaugment"
+            elif isinstance(step, AutoAugment):
+                kind = "autoaugment"
+            elif isinstance(step, MaybePILToTensor):
+                continue  # tensors already
+            elif isinstance(step, PixelErasing):
+                kind = "erase"
+            else:
+                raise NotImplementedError(f"no tensor form of {type(step).__name__}")
+            self.steps.append((kind, step))
+        if not self.steps or self.steps[0][0] != "crop":
+            raise NotImplementedError("the transform does not start with a random-resized crop")
+        self.size = tuple(self.steps[0][1].size)
+        self.erase_mean = torch.tensor(ERASE_MEAN).view(3, 1, 1) * 255
+        self.erase_std = torch.tensor(ERASE_STD).view(3, 1, 1) * 255
+
+    # -- drawing
+    def plan(self, width: int, height: int) -> Plan:
+        """Draw one sample's parameters for a ``width`` × ``height`` source, in timm's order
+        (call it under :func:`kd.data.augment.seeded`)."""
+        crop = self.steps[0][1]
+        sized = torch.empty(1, 1, 1).expand(1, height, width)  # timm only asks for the size
+        top, left, h, w = crop.get_params(sized, crop.scale, crop.ratio)
+        interpolation = crop.interpolation
+        if isinstance(interpolation, (list, tuple)):
+            interpolation = random.choice(interpolation)
+        plan = Plan((top, left, h, w), _mode(interpolation))
+        for kind, step in self.steps[1:]:
+            if kind == "hflip":
+                plan.flip = bool(torch.rand(1) < step.p)
+            elif kind == "jitter":
+                plan.jitter = step.get_params(step.brightness, step.contrast, step.saturation,
+                                              step.hue)
+            elif kind == "randaugment":
+                chosen = np.random.choice(step.ops, step.num_layers,
+                                          replace=step.choice_weights is None,
+                                          p=step.choice_weights)
+                plan.ops += [drawn for op in chosen if (drawn := self._draw_op(op))]
+            elif kind == "autoaugment":
+                plan.ops += [drawn for op in random.choice(step.policy)
+                             if (drawn := self._draw_op(op))]
+            elif kind == "erase":
+                plan.erase = self._draw_erase(step)
+        return plan
+
+    @staticmethod
+    def _draw_op(op: Any) -> tuple[Any, tuple[Any, ...], str] | None:
+        """timm's ``AugmentOp.__call__`` without the image: the coin, the magnitude (with its
+        noise, clipped), the level arguments and, for geometric ops, the resampling filter."""
+        if op.prob < 1.0 and random.random() > op.prob:
+            return None
+        magnitude = op.magnitude
+        if op.magnitude_std == float("inf"):
+            magnitude = random.uniform(0, magnitude)
+        elif op.magnitude_std > 0:
+            magnitude = random.gauss(magnitude, op.magnitude_std)
+        magnitude = max(0.0, min(magnitude, op.magnitude_max or 10))
+        args = op.level_fn(magnitude, op.hparams) if op.level_fn is not None else ()
+        resample = op.kwargs.get("resample")
+        if op.name in GEOMETRIC_OPS and isinstance(resample, (list, tuple)):
+            resample = random.choice(resample)  # as timm's _interpolation, after the level
+        return op, tuple(args), _mode(resample) if op.name in GEOMETRIC_OPS else "bilinear"
+
+    def _draw_erase(self, step: PixelErasing) -> list[tuple[int, int, torch.Tensor]] | None:
+        """PixelErasing's coin, then timm's ``RandomErasing`` draws on the output image: the
+        rectangles and their N(0, 1) noise."""
+        if random.random() > step.probability:
+            return None
+        erase = step.erase
+        random.random()  # RandomErasing's own coin, at probability 1
+        out_h, out_w = self.size
+        count = erase.min_count if erase.min_count == erase.max_count else random.randint(
+            erase.min_count, erase.max_count)
+        rects = []
+        for _ in range(count):
+            for _attempt in range(10):
+                target = random.uniform(erase.min_area, erase.max_area) * out_h * out_w / count
+                aspect = math.exp(random.uniform(*erase.log_aspect_ratio))
+                h = round(math.sqrt(target * aspect))
+                w = round(math.sqrt(target / aspect))
+                if w < out_w and h < out_h:
+                    top, left = random.randint(0, out_h - h), random.randint(0, out_w - w)
+                    rects.append((top, left, torch.empty((3, h, w)).normal_()))
+                    break
+        return rects
+
+    # -- applying
+    def apply(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Run ``plan`` on a uint8 (C, H, W) image of the planned source size, on its device."""
+        top, left, h, w = plan.box
+        return self.finish(image[:, top:top + h, left:left + w], plan)
+
+    def finish(self, crop: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Everything after cropping: the resize to the output size, flip, colour jitter,
+        RandAugment / AutoAugment ops and erasing; a contiguous uint8 (C, H, W) tensor."""
+        mode = plan.interpolation
+        x = F.interpolate(crop[None], size=self.size, mode=mode, antialias=mode != "nearest",
+                          align_corners=None if mode == "nearest" else False)[0]
+        if plan.flip:
+            x = x.flip(-1)
+        if plan.jitter is not None:
+            x = _jitter(x, plan.jitter)
+        on_cpu = x.device.type == "cpu"
+        img = None  # the image as PIL, while colour ops run there
+        for op, args, op_mode in plan.ops:
+            fn = TENSOR_OPS.get(op.name)
+            if fn is None or (on_cpu and op.name not in GEOMETRIC_OPS):
+                # No tensor form, or a colour op on the CPU: PIL's lookup tables are faster
+                # there than tensor arithmetic (and give the same pixels, tested).
+                img = img if img is not None else _to_pil(x)
+                img = op.aug_fn(img, *args, **op.kwargs)
+                continue
+            if img is not None:
+                x, img = _from_pil(img, x.device), None
+            if op.name in GEOMETRIC_OPS:
+                x = fn(x, args[0], op.kwargs["fillcolor"], op_mode)
+            else:
+                x = fn(x, *args)
+        if img is not None:
+            x = _from_pil(img, x.device)
+        for top, left, noise in plan.erase or ():
+            mean, std = self.erase_mean.to(x.device), self.erase_std.to(x.device)
+            patch = noise.to(x.device).mul(std).add_(mean).round_().clamp_(0, 255)
+            x[:, top:top + noise.shape[1], left:left + noise.shape[2]] = patch.to(torch.uint8)
+        return x.contiguous()
+
+    # -- on the CPU, from the encoded image
+    def __call__(self, source: str | Path | bytes | BinaryIO, where: str = "an image"
+                 ) -> torch.Tensor:
+        """Decode ``source`` (a path, file or bytes) at the smallest JPEG scale the planned
+        crop allows and run the plan (call it under :func:`kd.data.augment.seeded`). An
+        unreadable image raises OSError; a failing augmentation step an
+        :class:`~kd.errors.AugmentationError` naming ``where``."""
+        img = open_image(source)
+        width, height = img.size
+        plan = self.plan(width, height)
+        top, left, h, w = plan.box
+        scale = dct_scale(h, w, self.size)
+        if scale > 1 and img.format == "JPEG":
+            img.draft("RGB", (width // scale, height // scale))
+        img = img.convert("RGB")  # decodes: truncated or corrupt data raise OSError here
+        fx, fy = img.size[0] / width, img.size[1] / height
+        top, left = int(top * fy), int(left * fx)
+        h, w = max(1, round(h * fy)), max(1, round(w * fx))
+        pixels = np.array(np.asarray(img)[top:top + h, left:left + w])  # a writable copy
+        crop = torch.from_numpy(pixels).permute(2, 0, 1)  # (C, H, W) view of channels-last
+        return run_steps([_Augment(self, plan)], crop, where)
+
+
+class _Augment:
+    """One sample's planned augmentation as a step :func:`kd.data.augment.run_steps` can name."""
+
+    def __init__(self, transform: TensorTrainTransform, plan: Plan) -> None:
+        self.transform, self.plan = transform, plan
+
+    def __call__(self, crop: torch.Tensor) -> torch.Tensor:
+        return self.transform.finish(crop, self.plan)
+
+
+def dct_scale(h: int, w: int, size: tuple[int, int]) -> int:
+    """The largest JPEG decoding scale (8, 4, 2 or 1) at which an ``h`` × ``w`` crop still
+    covers ``size`` (nothing is upsampled that full-size decoding would have downsampled).
+
+    Example:
+        >>> dct_scale(300, 300, (224, 224)), dct_scale(448, 460, (224, 224))
+        (1, 2)
+    """
+    for scale in (8, 4, 2):
+        if h // scale >= size[0] and w // scale >= size[1]:
+            return scale
+    return 1
+
+
+def open_image(source: str | Path | bytes | BinaryIO) -> Any:
+    """A PIL image opened lazily (header read, pixels not yet decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except UnidentifiedImageError:
+        raise OSError("not an image file PIL can decode") from None
+
+
+def _jitter(x: torch.Tensor, params: tuple[Any, ...]) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` with drawn parameters, on a tensor."""
+    from torchvision.transforms import functional as TF
+
+    order, brightness, contrast, saturation, hue = params
+    for i in order.tolist():
+        if i == 0 and brightness is not None:
+            x = TF.adjust_brightness(x, brightness)
+        elif i == 1 and contrast is not None:
+            x = TF.adjust_contrast(x, contrast)
+        elif i == 2 and saturation is not None:
+            x = TF.adjust_saturation(x, saturation)
+        elif i == 3 and hue is not None:
+            x = TF.adjust_hue(x, hue)
+    return x
+
+
+def _to_pil(x: torch.Tensor) -> Any:
+    from PIL import Image
+
+    # (H, W, C) memory for PIL: a torch copy when x is (C, H, W) in memory (numpy's strided
+    # copy inside fromarray is ten times slower).
+    return Image.fromarray(x.permute(1, 2, 0).cpu().contiguous().numpy())
+
+
+def _from_pil(img: Any, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device)
+
+
+def tensor_transform(timm_transform: Any) -> TensorTrainTransform | None:
+    """kd's tensor form of a training transform, or None when a step has none (the dataset
+    then keeps ``timm_transform``)."""
+    try:
+        return TensorTrainTransform(timm_transform)
+    except NotImplementedError:
+        return None
