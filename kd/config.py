@@ -182,6 +182,13 @@ class DataConfig:
         "tensor form: the same random draws, a crop decoded at a reduced JPEG scale when it "
         "allows, antialiased tensor resizing and affine ops; falls back to timm's for steps it "
         "has no tensor form of) or `timm` (timm's PIL transform, the reference).")
+    decode: str = _field(
+        "cpu", "Where training images are decoded and augmented: `cpu` (in the loader workers) "
+        "or `device` (the workers read the JPEG bytes and draw each sample's augmentation; the "
+        "training process decodes the batch with `torchvision.io.decode_jpeg` on its device, "
+        "nvJPEG on CUDA, then crops, resizes and augments there: for when loader CPUs, not "
+        "the GPU, limit the step). Needs `data.pipeline: kd` and an image dataset; validation "
+        "always decodes on the CPU.")
     auto_augment: str | None = _field(
         None, "timm auto-augment policy for image datasets, e.g. `rand-m9-mstd0.5-inc1` "
         "(RandAugment); null: none.")
@@ -405,6 +412,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("skip", "fail"),
     "data.mixup_mode": ("batch", "pair", "elem"),
     "data.pipeline": ("kd", "timm"),
+    "data.decode": ("cpu", "device"),
     "distill.loss": ("none", "soft", "hard", "token", "dkd"),
     "distill.token_loss": ("soft", "hard"),
     "distill.projector": ("linear", "mlp", "none"),
@@ -793,6 +801,10 @@ def _validate_data(d: DataConfig) -> None:
            d.repeated_aug, "an integer >= 1 (1: off; DeiT uses 3)")
     _check(d.repeated_aug == 1 or not d.stream, "data.repeated_aug", d.repeated_aug,
            "repeats images of an indexed training split; set data.stream=false")
+    _check(d.decode == "cpu" or d.pipeline == "kd", "data.decode", d.decode,
+           "device decoding runs kd's tensor transform: set data.pipeline=kd")
+    _check(d.decode == "cpu" or d.name in ("imagefolder", "wds", "hf"), "data.decode",
+           d.decode, f"{d.name} has no encoded images to decode: set data.decode=cpu")
     _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer,
            "must be > 0 (1: no shuffling within a reader)")
 

@@ -70,7 +70,8 @@ PLAN_FILE, MANIFEST_FILE = "plan.json", "manifest.json"
 DATA_KEYS = ("data.name", "data.root", "data.train_shards", "data.hf_image_key",
              "data.hf_label_key", "data.num_classes", "data.labels_per_class",
              "data.subset_seed", "data.transfer_set", "data.image_size")
-AUGMENT_KEYS = ("data.augment", "data.pipeline", "data.auto_augment", "data.color_jitter",
+AUGMENT_KEYS = ("data.augment", "data.pipeline", "data.decode", "data.auto_augment",
+                "data.color_jitter",
                 "data.re_prob", "data.scale", "data.hflip", "data.mixup", "data.cutmix",
                 "data.mixup_prob", "data.mixup_switch_prob", "data.mixup_mode")
 TEACHER_KEYS = ("teacher.name", "teacher.kwargs", "teacher.checkpoint", "teacher.pretrained",

@@ -4,7 +4,8 @@ The trainer's data phase and the cache builder (``kd cache-teacher``) must produ
 images for a batch, or a cached teacher output would belong to another picture. Both go through
 :class:`BatchPreparer`:
 
-1. the batch moves to the device;
+1. the batch moves to the device (with ``data.decode: device`` it is decoded and augmented
+   there, :class:`~kd.data.tensor_transform.EncodedBatch`);
 2. with a transfer set and Mixup/CutMix, unlabelled images (label ``UNLABELLED``) become one
    extra class, ``num_classes``, so that mixing keeps track of how much of each image is
    labelled;
@@ -23,6 +24,7 @@ import torch
 from kd.config import DataConfig
 from kd.data.datasets import UNLABELLED
 from kd.data.mix import apply_mixup, build_mixup, mix_seed
+from kd.data.tensor_transform import EncodedBatch
 from kd.data.transfer import labelled_share
 
 
@@ -65,11 +67,14 @@ class BatchPreparer:
         """Whether Mixup applies the label smoothing (the task must not apply it again)."""
         return self.mixes and not self.transfer
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, data_epoch: int,
+    def __call__(self, images: torch.Tensor | EncodedBatch, targets: torch.Tensor, data_epoch: int,
                  batch: int) -> PreparedBatch:
         """Prepare micro-batch ``batch`` (counted from 0 in this rank's data epoch
         ``data_epoch``)."""
-        images = images.to(self.device, non_blocking=True)
+        if isinstance(images, EncodedBatch):  # data.decode=device
+            images = images.decode(self.device)
+        else:
+            images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.mixup is not None:
             if self.transfer:

@@ -22,8 +22,14 @@ from torch.utils.data import Dataset
 from kd.config import DataConfig
 from kd.data.augment import PixelErasing, fix_posterize, run_steps, seeded, transform_steps
 from kd.data.sampler import SampleKey
-from kd.data.tensor_transform import TensorTrainTransform, tensor_transform
-from kd.errors import DataError
+from kd.data.tensor_transform import (
+    EncodedBatch,
+    EncodedImage,
+    TensorTrainTransform,
+    tensor_transform,
+    unsupported_steps,
+)
+from kd.errors import ConfigError, DataError
 
 log = logging.getLogger("kd")
 
@@ -125,7 +131,10 @@ def collate(samples: list[tuple]) -> tuple:
     ``(image, label, bad)`` samples give ``(images, labels, bad)``; :class:`WithIndex` samples
     add their dataset indices as a fourth item.
     """
-    images = torch.stack([s[0] for s in samples])
+    if isinstance(samples[0][0], EncodedImage):  # data.decode=device: decoded on the device
+        images: torch.Tensor | EncodedBatch = EncodedBatch([s[0] for s in samples])
+    else:
+        images = torch.stack([s[0] for s in samples])
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     bad = [b for s in samples for b in s[2]]
     if len(samples[0]) == 4:
@@ -297,6 +306,7 @@ def build_image_transform(image_size: int, train: bool,
 
     kwargs = dict(transform_kwargs or {}) if train else {}
     pipeline = kwargs.pop("pipeline", "timm")
+    decode = kwargs.pop("decode", "cpu")
     transform = create_transform(image_size, is_training=train, use_prefetcher=True, **kwargs)
     fix_posterize(transform)
     if kwargs.get("re_prob", 0) > 0:  # timm leaves erasing to its prefetcher: kd does it here
@@ -304,9 +314,14 @@ def build_image_transform(image_size: int, train: bool,
     if pipeline == "kd" and train:
         fast = tensor_transform(transform)
         if fast is not None:
+            fast.decode = decode
             return fast
-        log.info("data.pipeline=kd: a step of the training transform has no tensor form; "
-                 "using timm's transform")
+        if decode == "device":
+            raise ConfigError(f"data.decode=device: the training transform has a step kd has "
+                              f"no tensor form of ({unsupported_steps(transform)}); set "
+                              f"data.decode=cpu")
+        log.info("data.pipeline=kd: the training transform's %s has no tensor form; using "
+                 "timm's transform", unsupported_steps(transform))
     return transform
 
 
@@ -331,7 +346,7 @@ def train_transform_kwargs(cfg: DataConfig) -> dict[str, Any]:
     the pipeline that runs them (``data.pipeline``)."""
     return {"auto_augment": cfg.auto_augment, "color_jitter": cfg.color_jitter,
             "re_prob": cfg.re_prob, "scale": tuple(cfg.scale), "hflip": cfg.hflip,
-            "pipeline": cfg.pipeline}
+            "pipeline": cfg.pipeline, "decode": cfg.decode}
 
 
 def load_image(transform: Any, source: str | Path | bytes | BinaryIO, seed: int | None,
@@ -344,5 +359,7 @@ def load_image(transform: Any, source: str | Path | bytes | BinaryIO, seed: int 
     an :class:`~kd.errors.AugmentationError`.
     """
     if isinstance(transform, TensorTrainTransform):
+        if seed is None and transform.decode == "device":  # a sample read outside the loader
+            return seeded(lambda: transform.decoded(source, where), seed)
         return seeded(lambda: transform(source, where), seed)
     return transform_image(transform, decode_rgb(source), seed, where)

@@ -31,9 +31,12 @@ PIL too: its lookup tables beat tensor arithmetic on one image there, with the s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.data.augment import ERASE_MEAN, ERASE_STD, PixelErasing, run_steps, transform_steps
+from kd.errors import DataError
 
 # ------------------------------------------------------------------------------ colour and shape
 # The RandAugment / AutoAugment ops kd runs as tensors, by timm's op name. Each takes the uint8
@@ -211,6 +215,7 @@ class Plan:
     """Every random choice of one sample's augmentation (see the module docstring)."""
 
     box: tuple[int, int, int, int]  # top, left, height, width in source pixels
+    size: tuple[int, int]  # the output's height and width
     interpolation: str
     flip: bool = False
     jitter: tuple[Any, ...] | None = None  # torchvision ColorJitter's (order, b, c, s, h)
@@ -251,9 +256,8 @@ class TensorTrainTransform:
             self.steps.append((kind, step))
         if not self.steps or self.steps[0][0] != "crop":
             raise NotImplementedError("the transform does not start with a random-resized crop")
-        self.size = tuple(self.steps[0][1].size)
-        self.erase_mean = torch.tensor(ERASE_MEAN).view(3, 1, 1) * 255
-        self.erase_std = torch.tensor(ERASE_STD).view(3, 1, 1) * 255
+        self.size: tuple[int, int] = tuple(self.steps[0][1].size)  # type: ignore[assignment]
+        self.decode = "cpu"  # or "device": the loader ships JPEG bytes (see encode)
 
     # -- drawing
     def plan(self, width: int, height: int) -> Plan:
@@ -265,7 +269,7 @@ class TensorTrainTransform:
         interpolation = crop.interpolation
         if isinstance(interpolation, (list, tuple)):
             interpolation = random.choice(interpolation)
-        plan = Plan((top, left, h, w), _mode(interpolation))
+        plan = Plan((top, left, h, w), self.size, _mode(interpolation))
         for kind, step in self.steps[1:]:
             if kind == "hflip":
                 plan.flip = bool(torch.rand(1) < step.p)
@@ -329,49 +333,37 @@ class TensorTrainTransform:
     def apply(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Run ``plan`` on a uint8 (C, H, W) image of the planned source size, on its device."""
         top, left, h, w = plan.box
-        return self.finish(image[:, top:top + h, left:left + w], plan)
+        return finish(image[:, top:top + h, left:left + w], plan)
 
-    def finish(self, crop: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Everything after cropping: the resize to the output size, flip, colour jitter,
-        RandAugment / AutoAugment ops and erasing; a contiguous uint8 (C, H, W) tensor."""
-        mode = plan.interpolation
-        x = F.interpolate(crop[None], size=self.size, mode=mode, antialias=mode != "nearest",
-                          align_corners=None if mode == "nearest" else False)[0]
-        if plan.flip:
-            x = x.flip(-1)
-        if plan.jitter is not None:
-            x = _jitter(x, plan.jitter)
-        on_cpu = x.device.type == "cpu"
-        img = None  # the image as PIL, while colour ops run there
-        for op, args, op_mode in plan.ops:
-            fn = TENSOR_OPS.get(op.name)
-            if fn is None or (on_cpu and op.name not in GEOMETRIC_OPS):
-                # No tensor form, or a colour op on the CPU: PIL's lookup tables are faster
-                # there than tensor arithmetic (and give the same pixels, tested).
-                img = img if img is not None else _to_pil(x)
-                img = op.aug_fn(img, *args, **op.kwargs)
-                continue
-            if img is not None:
-                x, img = _from_pil(img, x.device), None
-            if op.name in GEOMETRIC_OPS:
-                x = fn(x, args[0], op.kwargs["fillcolor"], op_mode)
-            else:
-                x = fn(x, *args)
-        if img is not None:
-            x = _from_pil(img, x.device)
-        for top, left, noise in plan.erase or ():
-            mean, std = self.erase_mean.to(x.device), self.erase_std.to(x.device)
-            patch = noise.to(x.device).mul(std).add_(mean).round_().clamp_(0, 255)
-            x[:, top:top + noise.shape[1], left:left + noise.shape[2]] = patch.to(torch.uint8)
-        return x.contiguous()
-
-    # -- on the CPU, from the encoded image
+    # -- in the loader, from the encoded image
     def __call__(self, source: str | Path | bytes | BinaryIO, where: str = "an image"
-                 ) -> torch.Tensor:
-        """Decode ``source`` (a path, file or bytes) at the smallest JPEG scale the planned
-        crop allows and run the plan (call it under :func:`kd.data.augment.seeded`). An
-        unreadable image raises OSError; a failing augmentation step an
-        :class:`~kd.errors.AugmentationError` naming ``where``."""
+                 ) -> torch.Tensor | EncodedImage:
+        """One training sample from ``source`` (a path, file or bytes; call it under
+        :func:`kd.data.augment.seeded`).
+
+        ``decode == "cpu"``: decoded at the smallest JPEG scale the planned crop allows and
+        augmented here, a uint8 (C, H, W) tensor. ``"device"``: an :class:`EncodedImage`, the
+        JPEG's bytes and the plan, for :meth:`EncodedBatch.decode` in the training process
+        (an image nvJPEG cannot take, such as a PNG or a CMYK JPEG, is decoded and cropped
+        here). An unreadable image raises OSError; a failing augmentation step an
+        :class:`~kd.errors.AugmentationError` naming ``where``.
+        """
+        if self.decode == "device":
+            return self.encoded(source, where)
+        return self.decoded(source, where)
+
+    def encoded(self, source: str | Path | bytes | BinaryIO, where: str) -> EncodedImage:
+        """The sample's bytes and plan, for decoding on the device (see :meth:`__call__`)."""
+        data = read_bytes(source)
+        img = open_image(data)
+        plan = self.plan(*img.size)
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), plan,
+                                where)
+        return EncodedImage(crop_of(img.convert("RGB"), plan.box), plan, where)
+
+    def decoded(self, source: str | Path | bytes | BinaryIO, where: str) -> torch.Tensor:
+        """The sample decoded and augmented here, on the CPU (see :meth:`__call__`)."""
         img = open_image(source)
         width, height = img.size
         plan = self.plan(width, height)
@@ -381,21 +373,158 @@ class TensorTrainTransform:
             img.draft("RGB", (width // scale, height // scale))
         img = img.convert("RGB")  # decodes: truncated or corrupt data raise OSError here
         fx, fy = img.size[0] / width, img.size[1] / height
-        top, left = int(top * fy), int(left * fx)
-        h, w = max(1, round(h * fy)), max(1, round(w * fx))
-        pixels = np.array(np.asarray(img)[top:top + h, left:left + w])  # a writable copy
-        crop = torch.from_numpy(pixels).permute(2, 0, 1)  # (C, H, W) view of channels-last
-        return run_steps([_Augment(self, plan)], crop, where)
+        box = (int(top * fy), int(left * fx), max(1, round(h * fy)), max(1, round(w * fx)))
+        return run_steps([_Augment(plan)], crop_of(img, box), where)
+
+
+def crop_of(img: Any, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The ``(top, left, height, width)`` box of a decoded RGB PIL image: a (C, H, W) uint8
+    view of a channels-last copy of just that box."""
+    top, left, h, w = box
+    pixels = np.array(np.asarray(img)[top:top + h, left:left + w])  # a writable copy
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def read_bytes(source: str | Path | bytes | BinaryIO) -> bytes:
+    """The encoded image behind ``source``."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, (str, Path)):
+        return Path(source).read_bytes()
+    source.seek(0)
+    return source.read()
+
+
+@dataclass
+class EncodedImage:
+    """A training sample for ``data.decode: device``: ``data`` is the JPEG's bytes (1-D uint8)
+    or, for an image the device decoder cannot take, the planned crop decoded in the loader
+    ((C, h, w) uint8); ``plan`` is its augmentation."""
+
+    data: torch.Tensor
+    plan: Plan
+    where: str
+
+    @property
+    def encoded(self) -> bool:
+        return self.data.dim() == 1
+
+
+class EncodedBatch:
+    """A batch of :class:`EncodedImage` (what the loader collates with ``data.decode:
+    device``); :meth:`decode` turns it into the uint8 (B, C, H, W) batch on a device."""
+
+    def __init__(self, images: list[EncodedImage]) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        """Decode the JPEGs on ``device`` in one call (nvJPEG on CUDA), then crop and run each
+        sample's plan there. An image the device cannot decode is decoded by PIL instead; one
+        nothing can decode is a :class:`~kd.errors.DataError` (it cannot be skipped here)."""
+        jpegs = [i for i, image in enumerate(self.images) if image.encoded]
+        decoded = dict(zip(jpegs, decode_jpegs([self.images[i] for i in jpegs], device),
+                           strict=True))
+        out = []
+        for i, image in enumerate(self.images):
+            if i in decoded:
+                top, left, h, w = image.plan.box
+                crop = decoded[i][:, top:top + h, left:left + w]
+            else:
+                crop = image.data.to(device, non_blocking=True)
+            out.append(finish(crop, image.plan))
+        return torch.stack(out)
+
+
+def decode_jpegs(images: list[EncodedImage], device: torch.device) -> list[torch.Tensor]:
+    """RGB uint8 (3, H, W) tensors on ``device`` (torchvision's ``decode_jpeg``; batched)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not images:
+        return []
+    data = [image.data for image in images]
+    with quiet_deprecation():
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad image fails the batch: decode them one by one
+            return [_decode_one(image, device) for image in images]
+
+
+@contextlib.contextmanager
+def quiet_deprecation() -> Iterator[None]:
+    """torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (a
+    DeprecationWarning at every call); they remain the way to reach nvJPEG from PyTorch that
+    kd's tests cover, so the warning is silenced around the calls."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _decode_one(image: EncodedImage, device: torch.device) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        with quiet_deprecation():
+            return decode_jpeg(image.data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:  # what the device decoder refuses, PIL may still read
+        img = open_image(image.data.numpy().tobytes()).convert("RGB")
+    except OSError as e:
+        raise DataError(f"cannot decode {image.where}: {e} (data.decode=device decodes in the "
+                        f"training process, where an unreadable image cannot be skipped; set "
+                        f"data.decode=cpu to skip it with data.on_error=skip)") from None
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device)
 
 
 class _Augment:
     """One sample's planned augmentation as a step :func:`kd.data.augment.run_steps` can name."""
 
-    def __init__(self, transform: TensorTrainTransform, plan: Plan) -> None:
-        self.transform, self.plan = transform, plan
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
 
     def __call__(self, crop: torch.Tensor) -> torch.Tensor:
-        return self.transform.finish(crop, self.plan)
+        return finish(crop, self.plan)
+
+
+def finish(crop: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Everything of ``plan`` after cropping, on ``crop``'s device: the resize to the output
+    size, flip, colour jitter, RandAugment / AutoAugment ops and erasing; a contiguous uint8
+    (C, H, W) tensor."""
+    mode = plan.interpolation
+    x = F.interpolate(crop[None], size=plan.size, mode=mode, antialias=mode != "nearest",
+                      align_corners=None if mode == "nearest" else False)[0]
+    if plan.flip:
+        x = x.flip(-1)
+    if plan.jitter is not None:
+        x = _jitter(x, plan.jitter)
+    on_cpu = x.device.type == "cpu"
+    img = None  # the image as PIL, while colour ops run there
+    for op, args, op_mode in plan.ops:
+        fn = TENSOR_OPS.get(op.name)
+        if fn is None or (on_cpu and op.name not in GEOMETRIC_OPS):
+            # No tensor form, or a colour op on the CPU: PIL's lookup tables are faster
+            # there than tensor arithmetic (and give the same pixels, tested).
+            img = img if img is not None else _to_pil(x)
+            img = op.aug_fn(img, *args, **op.kwargs)
+            continue
+        if img is not None:
+            x, img = _from_pil(img, x.device), None
+        if op.name in GEOMETRIC_OPS:
+            x = fn(x, args[0], op.kwargs["fillcolor"], op_mode)
+        else:
+            x = fn(x, *args)
+    if img is not None:
+        x = _from_pil(img, x.device)
+    if plan.erase:
+        mean = torch.tensor(ERASE_MEAN, device=x.device).view(3, 1, 1) * 255
+        std = torch.tensor(ERASE_STD, device=x.device).view(3, 1, 1) * 255
+        for top, left, noise in plan.erase:
+            patch = noise.to(x.device).mul(std).add_(mean).round_().clamp_(0, 255)
+            x[:, top:top + noise.shape[1], left:left + noise.shape[2]] = patch.to(torch.uint8)
+    return x.contiguous()
 
 
 def dct_scale(h: int, w: int, size: tuple[int, int]) -> int:
@@ -449,6 +578,18 @@ def _to_pil(x: torch.Tensor) -> Any:
 
 def _from_pil(img: Any, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device)
+
+
+def unsupported_steps(timm_transform: Any) -> str:
+    """The steps of ``timm_transform`` kd has no tensor form of, by class name."""
+    from timm.data.auto_augment import AutoAugment, RandAugment
+    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+
+    known = (RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, T.ColorJitter,
+             RandAugment, AutoAugment, MaybePILToTensor, PixelErasing)
+    return ", ".join(type(step).__name__ for step in transform_steps(timm_transform)
+                     if not isinstance(step, known)) or "its first step"
 
 
 def tensor_transform(timm_transform: Any) -> TensorTrainTransform | None:

@@ -176,3 +176,51 @@ def test_an_unreadable_image_is_an_oserror_and_a_failing_op_names_the_sample(
     fast.size = (0, 0)  # an impossible resize
     with pytest.raises(AugmentationError, match="sample-7"):
         seeded(lambda: fast(jpegs[0], "sample-7"), 1)
+
+
+# ------------------------------------------------------------------------------------------
+# data.decode=device: the loader ships bytes and plans, the training process decodes
+# ------------------------------------------------------------------------------------------
+
+
+def device_transform(size: int = 32) -> TensorTrainTransform:
+    fast = build_image_transform(size, True, {**DEIT, "pipeline": "kd", "decode": "device"})
+    assert isinstance(fast, TensorTrainTransform) and fast.decode == "device"
+    return fast
+
+
+def test_device_decoding_gives_the_cpu_pipelines_images(jpegs: list[bytes]) -> None:
+    """The same plans (drawn in the loader from the same seeds), decoded by torchvision in the
+    training process (device=cpu here, nvJPEG on CUDA): the CPU path's images."""
+    from kd.data.tensor_transform import EncodedBatch, EncodedImage
+
+    fast = device_transform(96)  # crops under twice 96 px: the CPU path decodes at full scale
+    cpu = build_image_transform(96, True, {**DEIT, "pipeline": "kd"})
+    samples = [seeded(lambda d=d: fast(d, f"image {i}"), 50 + i) for i, d in enumerate(jpegs)]
+    assert all(isinstance(s, EncodedImage) and s.encoded for s in samples)
+    for s, d, i in zip(samples, jpegs, range(len(jpegs)), strict=True):
+        plan = seeded(lambda d=d: cpu.plan(*decode_rgb(d).size), 50 + i)
+        assert (s.plan.box, s.plan.flip) == (plan.box, plan.flip)
+        assert [(op.name, a) for op, a, _ in s.plan.ops] == [(op.name, a) for op, a, _ in plan.ops]
+    batch = EncodedBatch(samples).decode(torch.device("cpu"))
+    expected = torch.stack([seeded(lambda d=d: cpu(d), 50 + i) for i, d in enumerate(jpegs)])
+    assert batch.shape == expected.shape == (len(jpegs), 3, 96, 96)
+    assert batch.dtype == torch.uint8
+    assert (batch.float() - expected.float()).abs().mean() < 0.5
+
+
+def test_device_decoding_takes_pngs_and_names_what_it_cannot_decode(jpegs: list[bytes]) -> None:
+    from kd.data.tensor_transform import EncodedBatch
+    from kd.errors import DataError
+
+    fast = device_transform()
+    buf = io.BytesIO()
+    decode_rgb(jpegs[0]).save(buf, "PNG")
+    png = seeded(lambda: fast(buf.getvalue()), 1)
+    assert not png.encoded and png.data.shape[0] == 3  # decoded and cropped in the loader
+    good = seeded(lambda: fast(jpegs[1]), 2)
+    assert EncodedBatch([png, good]).decode(torch.device("cpu")).shape == (2, 3, 32, 32)
+    truncated = jpegs[2][:len(jpegs[2]) // 2]  # the header parses, the pixels do not
+    bad = seeded(lambda: fast(truncated, "broken.jpg"), 3)
+    with pytest.raises(DataError, match="broken.jpg.*data.decode=cpu"):
+        EncodedBatch([good, bad]).decode(torch.device("cpu"))
