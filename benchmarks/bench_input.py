@@ -12,6 +12,9 @@ one training image, on one core (``torch.set_num_threads(1)``, as in a loader wo
 - **kd, data.pipeline=kd**: kd's tensor transform (``kd.data.tensor_transform``): the same
   random draws, the crop decoded at a reduced JPEG scale when it allows, tensor resizing and
   affine ops.
+- **kd, data.decode=device**: what is left in a loader worker (reading the JPEG's header and
+  drawing the plan), and, for scale, the whole of it (decode and augmentation) run on this CPU,
+  which on a GPU runs there instead (``benchmarks/gpu_check.sh`` measures that).
 - with ``--max-side N``: the same pipelines on the images resized as ``kd prepare-data
   --max-side N`` writes them (re-encoded JPEG, quality 90).
 
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from kd.data.augment import fix_posterize
 from kd.data.datasets import build_image_transform, decode_rgb, load_image
+from kd.data.tensor_transform import EncodedBatch
 
 RECIPES = {
     # DeiT's: random-resized crop, flip, RandAugment m9 with magnitude noise, erasing 0.25.
@@ -98,10 +102,21 @@ def pipelines(size: int, recipe: dict) -> dict[str, Callable[[bytes, int], objec
     fix_posterize(reference)
     timm_path = build_image_transform(size, True, {**recipe, "pipeline": "timm"})
     kd_path = build_image_transform(size, True, {**recipe, "pipeline": "kd"})
+    device_path = build_image_transform(size, True, {**recipe, "pipeline": "kd",
+                                                     "decode": "device"})
+    cpu = torch.device("cpu")
+
+    def device_side(data: bytes, seed: int) -> object:
+        sample = load_image(device_path, data, seed, "bench")
+        return EncodedBatch([sample]).decode(cpu)
+
     return {
         "timm (reference)": lambda data, seed: reference(decode_rgb(data)),
         "kd, data.pipeline=timm": lambda data, seed: load_image(timm_path, data, seed, "bench"),
         "kd, data.pipeline=kd": lambda data, seed: load_image(kd_path, data, seed, "bench"),
+        "kd, data.decode=device: loader's share": lambda data, seed: load_image(
+            device_path, data, seed, "bench"),
+        "kd, data.decode=device, all of it on this CPU": device_side,
     }
 
 
