@@ -439,6 +439,30 @@ def train_loader_factory(dataset: Any, batch_size: int, seed: int,
     return make
 
 
+def pipeline_rate(dataset: Any, samples: int = 32, seed: int = 0, warmup: int = 4) -> float:
+    """Training samples per second one core produces: ``dataset[(i, seed + i)]`` in this
+    process with one torch thread (as a loader worker runs), after ``warmup`` samples.
+
+    With ``data.decode: device`` the dataset's samples are the loader's share only (the bytes
+    and the plan), so this is the per-core rate of the loader either way.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n = len(dataset)
+        for i in range(min(warmup, n)):
+            dataset[(i, seed + i)]
+        count = min(samples, n)
+        t = time.perf_counter()
+        for i in range(count):
+            dataset[((warmup + i) % n, seed + warmup + i)]
+        return count / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------- cache
 def _hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))

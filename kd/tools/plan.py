@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd.config import KDConfig, OptimConfig, teacher_key, teacher_sections
+from kd.config import KDConfig, OptimConfig, derive, teacher_key, teacher_sections
 from kd.core.features import FeatureDistiller, FeatureStudent
 from kd.core.models import (
     FrozenTeacher,
@@ -60,10 +60,12 @@ from kd.core.strategy import deepspeed_bucket_size
 from kd.core.task import DistillationTask
 from kd.core.teachers import TeacherSet, check_teacher_inputs, hold_as_trained
 from kd.data.datasets import DigitsDataset
+from kd.data.pipeline import RunData
+from kd.data.tuning import pipeline_rate
 from kd.errors import UserError, output_error
 from kd.tools.profiler import count_flops_safely, matmul_precision, table_peak, tensor_bytes
 from kd.tools.profiler import optimizer_state_bytes as state_bytes
-from kd.units import format_bytes, format_duration, format_flops
+from kd.units import format_bytes, format_duration, format_flops, format_percent
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GiB = 1024**3
@@ -127,18 +129,25 @@ class InstanceSpec:
     gpu: str
     gpus: int
     network_gbps: float
+    vcpus: int
 
 
-# 8 GPUs each; the network is the instance's EFA bandwidth:
-#   p4d (8 x A100 40 GB) and p4de (8 x A100 80 GB), 400 Gbps: https://aws.amazon.com/ec2/instance-types/p4/
-#   p5 (8 x H100 80 GB) and p5e (8 x H200 141 GB), 3,200 Gbps: https://aws.amazon.com/ec2/instance-types/p5/
+# 8 GPUs each; the network is the instance's EFA bandwidth; vCPUs as listed (hyperthreads):
+#   p4d (8 x A100 40 GB) and p4de (8 x A100 80 GB), 400 Gbps, 96 vCPUs: https://aws.amazon.com/ec2/instance-types/p4/
+#   p5 (8 x H100 80 GB) and p5e (8 x H200 141 GB), 3,200 Gbps, 192 vCPUs: https://aws.amazon.com/ec2/instance-types/p5/
 #   SageMaker names them ml.<type>: https://aws.amazon.com/sagemaker/pricing/
 INSTANCES: dict[str, InstanceSpec] = {i.key: i for i in (
-    InstanceSpec("p4d", "ml.p4d.24xlarge", "a100-40gb", 8, 400.0),
-    InstanceSpec("p4de", "ml.p4de.24xlarge", "a100-80gb", 8, 400.0),
-    InstanceSpec("p5", "ml.p5.48xlarge", "h100", 8, 3200.0),
-    InstanceSpec("p5e", "ml.p5e.48xlarge", "h200", 8, 3200.0),
+    InstanceSpec("p4d", "ml.p4d.24xlarge", "a100-40gb", 8, 400.0, 96),
+    InstanceSpec("p4de", "ml.p4de.24xlarge", "a100-80gb", 8, 400.0, 96),
+    InstanceSpec("p5", "ml.p5.48xlarge", "h100", 8, 3200.0, 192),
+    InstanceSpec("p5e", "ml.p5e.48xlarge", "h200", 8, 3200.0, 192),
 )}
+# Loader images/s per core when the training data cannot be read where kd plan runs: the DeiT
+# recipe (random-resized crop, flip, rand-m9-mstd0.5-inc1, erasing 0.25) at 224 px on
+# ImageNet-like 500×375 JPEGs (about 70 KB), one core of a Xeon with AVX-512
+# (benchmarks/bench_input.py, README "Input pipeline"). "device": the loader's share with
+# data.decode=device (reading the bytes and drawing the plan).
+DEFAULT_CORE_RATES = {"cpu": 250.0, "device": 2500.0}
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,8 @@ class Cluster:
     gpus_per_node: int
     network_gbps: float  # between nodes, per node
     network_source: str  # the instance it comes from, or --network-gbps
+    cpus_per_gpu: float | None = None  # vCPUs per GPU for its loader and training process
+    cpus_source: str = ""
 
     @property
     def world_size(self) -> int:
@@ -174,8 +185,8 @@ def _names(table: dict[str, Any]) -> str:
 
 
 def resolve_cluster(gpu: str | None = None, instance: str | None = None, nodes: int = 1,
-                    gpus_per_node: int | None = None,
-                    network_gbps: float | None = None) -> Cluster:
+                    gpus_per_node: int | None = None, network_gbps: float | None = None,
+                    cpus_per_gpu: float | None = None) -> Cluster:
     """The cluster from ``kd plan``'s options; explicit options win over ``instance``'s.
 
     Without ``instance`` and ``network_gbps``, the network is that of the SageMaker instance
@@ -202,11 +213,16 @@ def resolve_cluster(gpu: str | None = None, instance: str | None = None, nodes: 
         raise UserError(f"--gpus-per-node {gpus_per_node}: give at least 1")
     if network_gbps is not None and not network_gbps > 0:
         raise UserError(f"--network-gbps {network_gbps}: must be > 0")
+    if cpus_per_gpu is not None and not cpus_per_gpu >= 1:
+        raise UserError(f"--cpus-per-gpu {cpus_per_gpu}: give at least 1")
     if spec is None:  # the instance that carries this GPU sets the defaults
         spec = next(i for i in INSTANCES.values() if i.gpu == gpu)
     return Cluster(gpu=GPUS[gpu], nodes=nodes, gpus_per_node=gpus_per_node or spec.gpus,
                    network_gbps=network_gbps or spec.network_gbps,
-                   network_source="--network-gbps" if network_gbps else spec.sagemaker)
+                   network_source="--network-gbps" if network_gbps else spec.sagemaker,
+                   cpus_per_gpu=cpus_per_gpu or spec.vcpus / spec.gpus,
+                   cpus_source="--cpus-per-gpu" if cpus_per_gpu else
+                   f"{spec.sagemaker}: {spec.vcpus} vCPUs, {spec.gpus} GPUs")
 
 
 # ------------------------------------------------------------------------------ arithmetic
@@ -396,7 +412,7 @@ def step_time(m: ModelMeasurement, setup: TrainingSetup, cluster: Cluster, batch
 
 
 def build_plan(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup,
-               mfu: float = DEFAULT_MFU) -> dict[str, Any]:
+               mfu: float = DEFAULT_MFU, rates: InputRates | None = None) -> dict[str, Any]:
     """The plan: memory per GPU without and with ZeRO, step time, assumptions (plain data).
 
     Raises:
@@ -433,8 +449,65 @@ def build_plan(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup,
         "measured": {**dataclasses.asdict(m), "flops_per_image": m.flops_per_image},
         "memory": memory,
         "time": times,
+        "input": input_limit(m, setup, cluster, peak, mfu, rates or InputRates(
+            DEFAULT_CORE_RATES["cpu"], DEFAULT_CORE_RATES["device"], "kd's defaults")),
         "assumptions": assumptions(m, cluster, setup, matmul, peak, mfu),
     }
+
+
+@dataclass(frozen=True)
+class InputRates:
+    """Loader images/s per core for the config's recipe: with decoding in the loader, and the
+    loader's share with ``data.decode: device`` (None where it does not apply)."""
+
+    cpu: float
+    device: float | None
+    source: str  # where the numbers come from
+
+
+def measure_input_rates(cfg: KDConfig, samples: int = 32) -> InputRates:
+    """Per-core loader rates measured on the config's training data here, or
+    :data:`DEFAULT_CORE_RATES` (saying why) when the data cannot be read."""
+    try:
+        data = RunData(cfg.data, cfg.student.channels, cfg.seed)
+        cpu = pipeline_rate(data.train_set, samples, cfg.seed)
+        device = None
+        if cfg.data.name in ("imagefolder", "wds", "hf") and cfg.data.pipeline == "kd":
+            variant = derive(cfg, {"data.decode": "device"}, "kd plan (data.decode=device)")
+            device_data = RunData(variant.data, cfg.student.channels, cfg.seed)
+            device = pipeline_rate(device_data.train_set, samples, cfg.seed)
+    except (UserError, OSError) as e:
+        reason = str(e).splitlines()[0][:160]
+        return InputRates(DEFAULT_CORE_RATES["cpu"], DEFAULT_CORE_RATES["device"],
+                          f"kd's defaults for the DeiT recipe on ImageNet-like JPEGs (the "
+                          f"training data is not readable here: {reason})")
+    return InputRates(cpu, device, f"measured here on {min(samples, len(data.train_set))} "
+                      f"training samples of data.name={cfg.data.name}, one core each")
+
+
+def input_limit(m: ModelMeasurement, setup: TrainingSetup, cluster: Cluster, peak: float,
+                mfu: float, rates: InputRates) -> dict[str, Any]:
+    """What one GPU consumes at the planned step time, the loader cores that takes, and the
+    share of the time the GPU is busy with the cores it has: with the live teacher and with a
+    teacher-output cache (no teacher forward), decoding in the loader or on the device."""
+    usable = None if cluster.cpus_per_gpu is None else max(cluster.cpus_per_gpu - 1, 0.0)
+    rows = []
+    variants = [("live teacher" if m.teacher_runs else "as configured", m)]
+    if m.teacher_runs:
+        variants.append(("teacher cache", dataclasses.replace(m, flops_teacher_forward=0.0)))
+    for teacher, measured in variants:
+        t = step_time(measured, setup, cluster, setup.batch_size, mfu, peak)
+        demand = t["images_per_s_overlapped"] / cluster.world_size
+        for decode, rate in (("cpu", rates.cpu), ("device", rates.device)):
+            if rate is None:
+                continue
+            supply = None if usable is None else usable * rate
+            rows.append({"teacher": teacher, "decode": decode, "gpu_images_per_s": demand,
+                         "core_rate": rate, "cores_needed": demand / rate,
+                         "cores_available": usable,
+                         "gpu_busy": None if supply is None else min(1.0, supply / demand)})
+    return {"rows": rows, "cpus_per_gpu": cluster.cpus_per_gpu,
+            "cpus_source": cluster.cpus_source, "rate_source": rates.source}
 
 
 def assumptions(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup, matmul: str,
@@ -490,7 +563,8 @@ def assumptions(m: ModelMeasurement, cluster: Cluster, setup: TrainingSetup, mat
         out.append("step time: compute plus gradient sync (DDP overlaps the all-reduce with "
                    "the backward pass, so a real step lies between the 'overlapped' and the "
                    "plain figure)")
-    out.append("data loading keeps up (check with `kd tune-loader`)")
+    out.append("data loading keeps up in the step times above; the input-pipeline table says "
+               "whether the loader cores a GPU has can (`kd tune-loader` measures the loader)")
     return out
 
 
@@ -738,7 +812,8 @@ def run_plan(cfg: KDConfig, cluster: Cluster, mfu: float = DEFAULT_MFU) -> dict[
     """
     if not 0 < mfu <= 1:  # before measuring
         raise UserError(f"--mfu {mfu}: a fraction of the peak in (0, 1]")
-    return build_plan(measure_models(cfg), cluster, training_setup(cfg), mfu)
+    return build_plan(measure_models(cfg), cluster, training_setup(cfg), mfu,
+                      measure_input_rates(cfg))
 
 
 # ------------------------------------------------------------------------------ output
@@ -832,6 +907,7 @@ def print_plan(plan: dict[str, Any], console: Any = None) -> None:
     for label, cell in rows:
         table.add_row(label, *[cell(t) for t in times.values()])
     console.print(table)
+    print_input(plan["input"], console)
     say(f"FLOPs per image: teacher forward {m['flops_teacher_forward'] / 1e9:,.3g} + student "
         f"forward {m['flops_student_forward'] / 1e9:,.3g} + backward "
         f"{m['flops_backward'] / 1e9:,.3g} = {m['flops_per_image'] / 1e9:,.3g} GFLOP; gradient "
@@ -839,6 +915,27 @@ def print_plan(plan: dict[str, Any], console: Any = None) -> None:
     say("assumptions:")
     for line in plan["assumptions"]:
         say(line, indent="    ", first="  - ")
+
+
+def print_input(section: dict[str, Any], console: Any) -> None:
+    """The input-pipeline table: images/s one GPU takes, loader cores, GPU busy."""
+    from rich.table import Table
+
+    cpus = section["cpus_per_gpu"]
+    table = Table(title=f"input pipeline per GPU at data.batch_size ({cpus:,.4g} vCPUs per GPU, "
+                        f"{section['cpus_source']}; one kept for the training process)"
+                  if cpus is not None else "input pipeline per GPU at data.batch_size")
+    for name in ("teacher", "data.decode", "GPU takes (images/s)", "per loader core",
+                 "loader cores needed", "GPU busy"):
+        table.add_column(name, justify="left" if name in ("teacher", "data.decode") else "right")
+    for r in section["rows"]:
+        busy = "unknown" if r["gpu_busy"] is None else format_percent(r["gpu_busy"])
+        table.add_row(r["teacher"], r["decode"], f"{r['gpu_images_per_s']:,.0f}",
+                      f"{r['core_rate']:,.0f}", f"{r['cores_needed']:,.1f}", busy)
+    console.print(table)
+    console.print(f"per-core rates: {section['rate_source']}; with data.decode=device the GPU "
+                  f"also decodes and augments (not in the step time above: "
+                  f"benchmarks/gpu_check.sh measures it)", highlight=False, soft_wrap=True)
 
 
 def write_json(plan: dict[str, Any], path: str | Path) -> None:

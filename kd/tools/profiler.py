@@ -674,7 +674,7 @@ def _run_meta(trainer: Trainer, settings: ProfileSettings, ops_on: str) -> dict[
         "student": cfg.student.name,
         "teacher": ", ".join(trainer.teachers.names) if trainer.teachers else None,
         "distill_loss": cfg.distill.loss, "image_size": cfg.data.image_size,
-        "dataset": cfg.data.name, "batch_size": cfg.data.batch_size,
+        "dataset": cfg.data.name, "decode": cfg.data.decode, "batch_size": cfg.data.batch_size,
         "grad_accum_steps": cfg.train.grad_accum_steps, "precision": trainer.precision,
         "world_size": info.world_size, "local_world_size": info.local_world_size,
         "backend": info.backend, "device": device.type, "ops_on": ops_on,

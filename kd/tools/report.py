@@ -70,6 +70,8 @@ class Verdict:
     comm_share: float  # exposed collectives (on a CPU, where overlap is not measured: all)
     reason: str
     comm_total_share: float | None = None  # all collective time; None: overlap not measured
+    dataset: str = ""  # data.name
+    decode: str = "cpu"  # data.decode
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class Facts:
     own_cpu_share: float | None = None  # kd's processes (rank, loader workers), 0..1 of the machine
     workers_cpu_share: float | None = None  # the loader workers alone, 0..1 of the machine
     comm_total_share: float | None = None  # all collective time; None: overlap not measured
+    dataset: str = ""  # data.name
+    decode: str = "cpu"  # data.decode
 
 
 def phase_spread(steps: Sequence[dict[str, float]], walls: Sequence[float] | None = None
@@ -345,12 +349,25 @@ def recommend(f: Facts) -> list[Recommendation]:
     """Every rule that fires on these numbers, in order of how directly it speeds up a step."""
     recs = []
     if f.data_share > DATA_WAIT_THRESHOLD:
+        busy = (f", CPUs {format_percent(f.cpu_util)} busy" if f.cpu_util is not None else "")
+        loaders = (f", loader workers {format_percent(f.workers_cpu_share)} of the machine"
+                   if f.workers_cpu_share is not None else "")
+        advice = [f"feed the models faster: raise data.num_workers (now {f.num_workers}) while "
+                  f"CPUs have headroom"]
+        if f.dataset in ("imagefolder", "wds", "hf"):
+            if f.decode == "cpu":
+                advice.append("set data.decode=device: the loader then only reads each JPEG and "
+                              "draws its augmentation, and the training process decodes "
+                              "(nvJPEG) and augments the batch on the GPU")
+            advice.append("pre-resize the images once with `kd prepare-data --max-side 320` "
+                          "(fewer pixels to decode and crop; `kd tune-loader` shows the gain)")
+        else:
+            advice.append("make each sample cheaper to produce")
         recs.append(Recommendation(
             "data-wait", f"data wait {format_percent(f.data_share)} of the step "
-            f"(> {format_percent(DATA_WAIT_THRESHOLD)})",
-            f"feed the models faster: raise data.num_workers (now {f.num_workers}) while CPUs "
-            f"have headroom, decode faster (smaller stored images, a faster JPEG decoder) or "
-            f"cache decoded, resized images"))
+            f"(> {format_percent(DATA_WAIT_THRESHOLD)}) with {f.num_workers} loader "
+            f"worker{'s' if f.num_workers != 1 else ''} per rank{busy}{loaders}",
+            "; or ".join(advice)))
     workers_per_node = f.num_workers * f.local_world_size
     saturated = f.cpu_util is not None and f.cpu_util > CPU_SATURATED
     others = (f.cpu_util - f.own_cpu_share
@@ -537,7 +554,8 @@ def analyse(summaries: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[s
         slowest_rank=ranks[slowest]["rank"],
         slowest_excess=steps[slowest] / median - 1 if median > 0 else 0.0,
         own_cpu_share=own[0] + own[1], workers_cpu_share=own[1],
-        comm_total_share=comm_total_share)
+        comm_total_share=comm_total_share, dataset=meta.get("dataset", ""),
+        decode=meta.get("decode", "cpu"))
     return {
         "verdict": asdict(verdict), "recommendations": [asdict(r) for r in recommend(facts)],
         "facts": asdict(facts), "ranks": ranks,

@@ -12,7 +12,7 @@ from tests.integration.conftest import assert_one_line_user_error, kd_cli
 
 SECTIONS = ("kd plan:", "memory per GPU", "student weights", "gradients", "optimizer state",
             "teacher weights", "activations per image", "largest batch per GPU",
-            "time per optimizer step", "gradient all-reduce", "images/s", "assumptions:")
+            "time per optimizer step", "gradient all-reduce", "images/s", "input pipeline per GPU", "assumptions:")
 
 
 def test_plan_the_demo_on_four_nodes(tmp_path: Path) -> None:
@@ -24,7 +24,8 @@ def test_plan_the_demo_on_four_nodes(tmp_path: Path) -> None:
     assert "32 GPUs" in result.stdout and "ml.p4d.24xlarge" in result.stdout
 
     plan = json.loads(out.read_text())
-    assert set(plan) == {"setup", "cluster", "measured", "memory", "time", "assumptions"}
+    assert set(plan) == {"setup", "cluster", "measured", "memory", "time", "input",
+                         "assumptions"}
     c, m = plan["cluster"], plan["measured"]
     assert (c["gpu"], c["nodes"], c["gpus_per_node"], c["world_size"]) == ("a100-40gb", 4, 8, 32)
     assert c["network_gbps"] == 400 and c["mfu"] == 0.4
@@ -38,8 +39,15 @@ def test_plan_the_demo_on_four_nodes(tmp_path: Path) -> None:
     t = plan["time"]["at_batch_size"]
     assert t["allreduce_bytes"] == pytest.approx(2 * 31 / 32 * plain["gradients"])
     assert t["images_per_step"] == 128 * 32
+    # The input pipeline: digits are measured here (no JPEGs, so no device-decoding row).
+    inp = plan["input"]
+    assert inp["cpus_per_gpu"] == 12 and "measured here" in inp["rate_source"]
+    assert [(r["teacher"], r["decode"]) for r in inp["rows"]] == [("live teacher", "cpu"),
+                                                                  ("teacher cache", "cpu")]
+    assert all(r["gpu_images_per_s"] > 0 and 0 < r["gpu_busy"] <= 1 for r in inp["rows"])
     # The numbers printed are the JSON's.
     assert f"{plain['largest_batch']:,}" in result.stdout
+    assert f"{inp['rows'][0]['gpu_images_per_s']:,.0f}" in result.stdout
     assert len(plan["assumptions"]) >= 5 and all(a in result.stdout.replace("\n    ", " ")
                                                  for a in plan["assumptions"][:2])
 

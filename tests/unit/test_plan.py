@@ -125,6 +125,30 @@ def test_plan_by_hand() -> None:
     assert any("bf16" in line for line in plan["assumptions"])
 
 
+def test_input_limit_by_hand() -> None:
+    """What a GPU takes at the planned step, the loader cores that needs at the per-core rates,
+    and the GPU-busy share the instance's vCPUs allow (one kept for the training process)."""
+    from kd.tools.plan import InputRates
+
+    cluster = resolve_cluster(instance="p4d")  # 96 vCPUs for 8 GPUs: 12 per GPU
+    assert cluster.cpus_per_gpu == 12 and "96 vCPUs" in cluster.cpus_source
+    plan = build_plan(measurement(), cluster, TrainingSetup(batch_size=64), mfu=0.4,
+                      rates=InputRates(300.0, 3000.0, "test"))
+    rows = {(r["teacher"], r["decode"]): r for r in plan["input"]["rows"]}
+    assert set(rows) == {("live teacher", "cpu"), ("live teacher", "device"),
+                         ("teacher cache", "cpu"), ("teacher cache", "device")}
+    live = plan["time"]["at_batch_size"]["images_per_s_overlapped"] / 8
+    assert rows["live teacher", "cpu"]["gpu_images_per_s"] == pytest.approx(live)
+    assert rows["live teacher", "cpu"]["cores_needed"] == pytest.approx(live / 300)
+    assert rows["live teacher", "cpu"]["gpu_busy"] == pytest.approx(min(1, 11 * 300 / live))
+    assert rows["live teacher", "device"]["gpu_busy"] == pytest.approx(min(1, 11 * 3000 / live))
+    # Without the teacher's forward (4 of 7 GFLOP) a step is faster and takes more images.
+    cached = rows["teacher cache", "cpu"]["gpu_images_per_s"]
+    assert cached == pytest.approx(live * 7 / 3, rel=0.05)
+    assert rows["teacher cache", "cpu"]["gpu_busy"] < rows["live teacher", "cpu"]["gpu_busy"]
+    assert resolve_cluster("h100", cpus_per_gpu=6).cpus_per_gpu == 6
+
+
 def test_zero_and_deepspeed_columns() -> None:
     p, cluster = 1_000_000, resolve_cluster("h100", nodes=1, gpus_per_node=8)
     zero1 = build_plan(measurement(p), cluster, TrainingSetup(batch_size=8, zero=True))
@@ -215,6 +239,7 @@ def test_instances_set_gpu_count_and_network() -> None:
     ({"gpu": "h100", "nodes": 0}, "--nodes 0"),
     ({"gpu": "h100", "gpus_per_node": 0}, "--gpus-per-node 0"),
     ({"gpu": "h100", "network_gbps": -1}, "--network-gbps -1"),
+    ({"gpu": "h100", "cpus_per_gpu": 0}, "--cpus-per-gpu 0"),
 ])
 def test_bad_cluster_options(kwargs: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):

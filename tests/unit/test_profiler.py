@@ -152,6 +152,13 @@ def test_data_wait_rule() -> None:
     assert rules(replace(FACTS, data_share=0.10)) == []
     rec = recommend(replace(FACTS, data_share=0.34))[0]
     assert "34.0 %" in rec.trigger and "data.num_workers (now 4)" in rec.advice
+    assert "4 loader workers per rank, CPUs 50.0 % busy" in rec.trigger
+    assert "data.decode=device" not in rec.advice  # synthetic images: nothing to decode
+    # Image data decoded in the loader: device decoding and pre-resized shards are offered.
+    images = recommend(replace(FACTS, data_share=0.34, dataset="imagefolder"))[0]
+    assert "set data.decode=device" in images.advice and "kd prepare-data" in images.advice
+    on_device = recommend(replace(FACTS, data_share=0.34, dataset="wds", decode="device"))[0]
+    assert "data.decode=device" not in on_device.advice and "kd prepare-data" in on_device.advice
 
 
 def test_cpu_saturated_rule() -> None:
