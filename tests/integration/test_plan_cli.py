@@ -12,7 +12,8 @@ from tests.integration.conftest import assert_one_line_user_error, kd_cli
 
 SECTIONS = ("kd plan:", "memory per GPU", "student weights", "gradients", "optimizer state",
             "teacher weights", "activations per image", "largest batch per GPU",
-            "time per optimizer step", "gradient all-reduce", "images/s", "input pipeline per GPU", "assumptions:")
+            "time per optimizer step", "gradient all-reduce", "images/s",
+            "input pipeline per GPU", "assumptions:")
 
 
 def test_plan_the_demo_on_four_nodes(tmp_path: Path) -> None:
