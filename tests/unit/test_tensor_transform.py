@@ -196,7 +196,8 @@ def test_device_decoding_gives_the_cpu_pipelines_images(jpegs: list[bytes]) -> N
 
     fast = device_transform(96)  # crops under twice 96 px: the CPU path decodes at full scale
     cpu = build_image_transform(96, True, {**DEIT, "pipeline": "kd"})
-    samples = [seeded(lambda d=d: fast(d, f"image {i}"), 50 + i) for i, d in enumerate(jpegs)]
+    samples = [seeded(lambda d=d, i=i: fast(d, f"image {i}"), 50 + i)
+               for i, d in enumerate(jpegs)]
     assert all(isinstance(s, EncodedImage) and s.encoded for s in samples)
     for s, d, i in zip(samples, jpegs, range(len(jpegs)), strict=True):
         plan = seeded(lambda d=d: cpu.plan(*decode_rgb(d).size), 50 + i)
@@ -222,5 +223,5 @@ def test_device_decoding_takes_pngs_and_names_what_it_cannot_decode(jpegs: list[
     assert EncodedBatch([png, good]).decode(torch.device("cpu")).shape == (2, 3, 32, 32)
     truncated = jpegs[2][:len(jpegs[2]) // 2]  # the header parses, the pixels do not
     bad = seeded(lambda: fast(truncated, "broken.jpg"), 3)
-    with pytest.raises(DataError, match="broken.jpg.*data.decode=cpu"):
+    with pytest.raises(DataError, match=r"broken\.jpg.*data\.decode=cpu"):
         EncodedBatch([good, bad]).decode(torch.device("cpu"))
