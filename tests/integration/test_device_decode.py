@@ -1,6 +1,6 @@
-"""data.decode=device in real runs on JPEG folders (device=cpu here; nvJPEG on CUDA runs the
-same code): the loader ships bytes and plans, the training process decodes and augments, and
-exact mid-epoch resume and teacher-cache replay still hold."""
+"""kd's image pipeline in real runs on JPEG folders, decoding in the loader (data.pipeline=kd)
+and in the training process (data.decode=device; device=cpu here, nvJPEG on CUDA runs the same
+code): exact mid-epoch resume and teacher-cache replay hold for both."""
 
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def folder_args(root: Path, decode: str = "device") -> tuple[str, ...]:
     return ("data.name=imagefolder", f"data.root={root}", f"data.decode={decode}", *RECIPE)
 
 
+@pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_interrupted_and_resumed_equals_straight(tiny_teacher: str, jpeg_root: Path,
-                                                 tmp_path: Path) -> None:
-    overrides = (*folder_args(jpeg_root), "train.epochs=2", "checkpoint.every_steps=3",
+                                                 tmp_path: Path, decode: str) -> None:
+    overrides = (*folder_args(jpeg_root, decode), "train.epochs=2", "checkpoint.every_steps=3",
                  "checkpoint.keep=10")
     straight = train_tiny(tiny_teacher, tmp_path / "straight", *overrides)
     out = tmp_path / "resumed"
@@ -66,15 +67,16 @@ def test_interrupted_and_resumed_equals_straight(tiny_teacher: str, jpeg_root: P
     assert comparable(read_jsonl(out / "metrics.jsonl")) == comparable(straight.records)
 
 
+@pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_the_cache_replays_the_images_the_teacher_saw(tiny_teacher: str, jpeg_root: Path,
-                                                      tmp_path: Path) -> None:
-    """A cache built with device decoding records the plans' seeds; a cached run's decoded,
-    augmented batches are bit-identical to the ones the teacher was run on."""
-    cfg = tiny_config(tiny_teacher, tmp_path / "cfg", *folder_args(jpeg_root))
+                                                      tmp_path: Path, decode: str) -> None:
+    """A cache records the plans' seeds; a cached run's decoded, augmented batches are
+    bit-identical to the ones the teacher was run on."""
+    cfg = tiny_config(tiny_teacher, tmp_path / "cfg", *folder_args(jpeg_root, decode))
     builder = CacheBuilder(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
     written = [x for _, _, x in builder._batches(0)]
     build_cache(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
-    trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "run", *folder_args(jpeg_root),
+    trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "run", *folder_args(jpeg_root, decode),
                                   "train.epochs=1", f"distill.teacher_cache={tmp_path / 'cache'}"))
     seen: list[torch.Tensor] = []
     prepare = trainer.task.prepare
