@@ -364,17 +364,36 @@ class TensorTrainTransform:
 
     def decoded(self, source: str | Path | bytes | BinaryIO, where: str) -> torch.Tensor:
         """The sample decoded and augmented here, on the CPU (see :meth:`__call__`)."""
-        img = open_image(source)
+        data = read_bytes(source)
+        img = open_image(data)
         width, height = img.size
         plan = self.plan(width, height)
         top, left, h, w = plan.box
         scale = dct_scale(h, w, self.size)
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and scale == 1:
+            # torchvision's libjpeg-turbo call is faster than PIL's decoding and conversion.
+            crop = decode_jpeg_cpu(data)[:, top:top + h, left:left + w]
+            return run_steps([_Augment(plan)], crop, where)
         if scale > 1 and img.format == "JPEG":
             img.draft("RGB", (width // scale, height // scale))
         img = img.convert("RGB")  # decodes: truncated or corrupt data raise OSError here
         fx, fy = img.size[0] / width, img.size[1] / height
         box = (int(top * fy), int(left * fx), max(1, round(h * fy)), max(1, round(w * fx)))
         return run_steps([_Augment(plan)], crop_of(img, box), where)
+
+
+def decode_jpeg_cpu(data: bytes) -> torch.Tensor:
+    """An RGB uint8 (3, H, W) tensor from JPEG bytes; corrupt data raise OSError (an
+    unreadable sample, as from PIL)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        with quiet_deprecation():
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0].rsplit(", ", 1)[-1]  # without torchvision's source line
+        raise OSError(f"cannot decode the JPEG: {reason}") from None
 
 
 def crop_of(img: Any, box: tuple[int, int, int, int]) -> torch.Tensor:
