@@ -11,6 +11,7 @@
     kd cache-teacher [-c ...] [k=v ...] --epochs E --top-k K --out DIR
                                                    store teacher outputs for cached training
     kd plan [-c ...] [k=v ...] --gpu G --nodes N   size a job: memory per GPU, batch, step time
+    kd prepare-data [-c ...] [k=v ...] --out DIR   pre-resized WebDataset shards with indexes
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from kd.tools.cache_builder import build_cache
 from kd.tools.evaluate import evaluate_checkpoint
 from kd.tools.export import export_student
 from kd.tools.model_card import push_to_hub
+from kd.tools.prepare_data import PrepareSettings, parse_splits, prepare_data, print_report
 from kd.tools.profiler import ProfileSettings, run_profile
 from kd.tools.tune_loader import run_tune_loader
 from kd.units import format_bytes, format_percent
@@ -145,9 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8)")
     p.add_argument("--network-gbps", type=float, help="network bandwidth per node between "
                    "nodes, Gbit/s (default: the SageMaker instance with this GPU)")
+    p.add_argument("--cpus-per-gpu", type=float, help="vCPUs per GPU for its loader and "
+                   "training process (default: the SageMaker instance with this GPU)")
     p.add_argument("--mfu", type=float, default=0.4,
                    help="achievable fraction of the GPU's dense peak FLOP/s (default 0.4)")
     p.add_argument("--json", metavar="FILE", help="also write the plan's numbers here")
+    p = sub.add_parser("prepare-data", help="the train and val splits as pre-resized, "
+                       "reproducible WebDataset shards with index files, for data.name=wds "
+                       "(kd.tools.prepare_data)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: "
+                   "train-000000.tar, ..., val-000000.tar, ..., an .idx.json beside each, "
+                   "prepare.json (a rerun keeps the shards it finished)")
+    p.add_argument("--max-side", type=int, default=320, help="longer side, in pixels, larger "
+                   "images are shrunk to (default 320; at least 32)")
+    p.add_argument("--quality", type=int, default=90,
+                   help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--shard-samples", type=int, default=1000,
+                   help="samples per shard (default 1000)")
+    p.add_argument("--splits", default="train,val", help="splits to write (default train,val)")
     return parser
 
 
@@ -396,7 +414,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cluster = plan.resolve_cluster(args.gpu, args.instance, args.nodes, args.gpus_per_node,
-                              args.network_gbps)  # before the models are built
+                                   args.network_gbps, args.cpus_per_gpu)  # before the models
     cfg = _load_config(args)
     result = plan.run_plan(cfg, cluster, args.mfu)
     plan.print_plan(result)
@@ -406,10 +424,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    settings = PrepareSettings(max_side=args.max_side, quality=args.quality,
+                               shard_samples=args.shard_samples)
+    settings.check()  # before the config and the data are read
+    splits = parse_splits(args.splits)
+    cfg = _load_config(args)
+    print_report(prepare_data(cfg.data, args.out, settings, splits))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export,
             "tune-loader": cmd_tune_loader, "profile": cmd_profile, "compare": cmd_compare,
             "cache-teacher": cmd_cache_teacher, "bench": cmd_bench,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "prepare-data": cmd_prepare_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,8 +31,20 @@ buffer instead (:mod:`kd.data.stream`; resume stays exact there too).
 Costs: the scan reads a 512-byte header per member and seeks past the data; Python's tarfile
 parses about 10,000 headers a second per core (measured on a 2-core machine: 0.23 ms per
 image + label sample, 2.3 s per 10,000 samples, page cache warm), so an ImageNet-sized split
-(1.28 M samples) takes minutes. Every rank scans every shard, and the index is kept in memory
-only, never cached on disk. It holds four numbers and the image member's name per sample.
+(1.28 M samples) takes minutes. Every rank scans every shard. The index in memory holds four
+numbers and the image member's name per sample.
+
+Index files: a shard may have its index on disk beside it, ``<shard>.idx.json`` (``kd
+prepare-data`` writes one per shard; :func:`read_shard_index`). It is used instead of the scan
+when it is valid: ``format`` is :data:`INDEX_FORMAT`, ``bytes`` equals the shard's size, the
+columns ``keys``, ``offsets``, ``sizes`` and ``labels`` (one entry per sample, in shard order;
+the image member is ``<key>.<image_ext>``) have equal lengths and hold in-range numbers, and, a
+cheap content check, the tar headers just before the first and the last sample's image data
+name those members with those sizes (two 512-byte reads). ``sha256`` (of the whole shard) is
+recorded for tools, not checked here: hashing a shard costs as much as reading it. Other keys
+are the writer's and ignored. No index file means a scan, silently; an unreadable or stale one
+(the shard was rewritten, copied in part, or changed) means a scan too, and one log warning
+for all such shards of the dataset.
 
 Unreadable data:
 
@@ -72,9 +84,13 @@ from kd.errors import DataError
 log = logging.getLogger("kd")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
+BLOCK = tarfile.BLOCKSIZE
 LABEL_EXTS = ("cls", "cls.txt", "json")
 MAX_OPEN_SHARDS = 64  # file handles kept open per process (least recently used closed first)
 BAD_LABEL = -2  # index marker: this sample's label is missing or unreadable (see label_errors)
+INDEX_SUFFIX = ".idx.json"  # a shard's index file: <shard>.idx.json beside it
+INDEX_FORMAT = "kd-wds-index/1"
+INDEX_COLUMNS = ("keys", "offsets", "sizes", "labels")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -208,6 +224,80 @@ def scan_shard(path: Path, labels: bool = True) -> _ShardIndex:
     return index
 
 
+def index_path(shard: Path) -> Path:
+    """Where a shard's index file is: ``train-000000.tar`` → ``train-000000.tar.idx.json``."""
+    return shard.with_name(shard.name + INDEX_SUFFIX)
+
+
+def read_shard_index(path: Path, labels: bool = True) -> _ShardIndex | None:
+    """A shard's index from its index file (see the module docstring); None if it has none.
+
+    Raises:
+        ValueError: the index file is unreadable, malformed, or stale (does not describe the
+            shard as it is now); the message says which.
+    """
+    try:
+        text = index_path(path).read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read it: {e}") from None
+    obj = json.loads(text)  # JSONDecodeError is a ValueError
+    if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:
+        raise ValueError(f"not a {INDEX_FORMAT} index")
+    size = path.stat().st_size
+    if obj.get("bytes") != size:
+        raise ValueError(f"stale: it describes a shard of {obj.get('bytes')} bytes, the shard "
+                         f"has {size}")
+    ext = obj.get("image_ext")
+    columns = [obj.get(c) for c in INDEX_COLUMNS]
+    if ext not in IMAGE_EXTS or not all(isinstance(c, list) for c in columns) \
+            or len({len(c) for c in columns}) != 1:
+        raise ValueError(f"malformed: needs image_ext ({', '.join(IMAGE_EXTS)}) and equal-length "
+                         f"lists {', '.join(INDEX_COLUMNS)}")
+    keys, offsets, sizes, label_list = columns
+    index = _ShardIndex()
+    if not keys:
+        return index
+    try:
+        index.names = [f"{k}.{ext}" for k in keys if isinstance(k, str)]
+        index.offsets = [int(o) for o in offsets]
+        index.sizes = [int(n) for n in sizes]
+        label_list = [int(v) for v in label_list]
+    except (TypeError, ValueError):
+        raise ValueError("malformed: keys must be strings, the other columns integers") from None
+    if len(index.names) != len(keys) or not all(
+            o >= BLOCK and n >= 0 and o + n <= size for o, n in zip(index.offsets, index.sizes)):
+        raise ValueError("malformed: a key is not a string or a member lies outside the shard")
+    if labels and min(label_list) < 0:
+        raise ValueError("it has samples without a label")
+    index.labels = label_list if labels else [UNLABELLED] * len(keys)
+    with open(path, "rb") as raw:
+        for i in {0, len(keys) - 1}:
+            raw.seek(index.offsets[i] - BLOCK)
+            try:
+                info = tarfile.TarInfo.frombuf(raw.read(BLOCK), "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                info = None
+            if info is None or info.name != index.names[i] or info.size != index.sizes[i]:
+                raise ValueError(f"stale: the shard has no member {index.names[i]} of "
+                                 f"{index.sizes[i]} bytes at byte {index.offsets[i]}")
+    return index
+
+
+def index_shard(path: Path, labels: bool = True) -> tuple[_ShardIndex, bool, str | None]:
+    """One shard's index: from its index file when that is valid, else by
+    :func:`scan_shard`; whether it came from the file; why an index file that exists was not
+    used (None otherwise)."""
+    try:
+        index, problem = read_shard_index(path, labels), None
+    except (OSError, ValueError) as e:
+        index, problem = None, f"{index_path(path)}: {e}"
+    if index is None:
+        return scan_shard(path, labels), False, problem
+    return index, True, None
+
+
 def _read_label(raw: BinaryIO, exts: dict[str, tarfile.TarInfo]) -> int | str:
     """A sample's label, or the message why it has none (the sample is then unreadable)."""
     ext = next((e for e in LABEL_EXTS if e in exts), None)
@@ -254,8 +344,13 @@ class WdsDataset(KeyedDataset):
         names, shard_ids, offsets, sizes, label_list = [], [], [], [], []
         self.label_errors: dict[int, str] = {}
         self.n_ignored_keys = 0
+        problems: list[str] = []
+        self.n_index_files = 0  # shards whose index came from their index file, not a scan
         for i, path in enumerate(shards):
-            index = scan_shard(Path(path), labels)
+            index, from_file, problem = index_shard(Path(path), labels)
+            self.n_index_files += from_file
+            if problem is not None:
+                problems.append(problem)
             base = len(names)
             names += index.names
             shard_ids += [i] * len(index.names)
@@ -279,8 +374,13 @@ class WdsDataset(KeyedDataset):
         self.transform = build_image_transform(image_size, train, transform_kwargs)
         self._pid: int | None = None
         self._handles: OrderedDict[int, BinaryIO] = OrderedDict()
-        log.info("wds: indexed %d samples in %d shards in %.2f s (%s)", len(self),
-                 len(self.shards), self.scan_seconds, pattern or self.shards[0])
+        if problems:
+            log.warning("wds: %d shard index file(s) not used, those shards were scanned instead "
+                        "(rerun kd prepare-data to rewrite them); first: %s", len(problems),
+                        problems[0])
+        log.info("wds: indexed %d samples in %d shards in %.2f s (%d from index files; %s)",
+                 len(self), len(self.shards), self.scan_seconds, self.n_index_files,
+                 pattern or self.shards[0])
 
     def _check_labels(self, num_classes: int) -> None:
         top = int(self.labels.argmax())
