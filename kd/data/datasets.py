@@ -358,8 +358,8 @@ def load_image(transform: Any, source: str | Path | bytes | BinaryIO, seed: int 
     a pure function of ``seed``, an unreadable image raises OSError and a failing augmentation
     an :class:`~kd.errors.AugmentationError`.
     """
-    if isinstance(transform, TensorTrainTransform):
+    if isinstance(transform, TensorTrainTransform):  # its NumPy draws are its own (plan)
         if seed is None and transform.decode == "device":  # a sample read outside the loader
-            return seeded(lambda: transform.decoded(source, where), seed)
-        return seeded(lambda: transform(source, where), seed)
+            return transform.decoded(source, where)
+        return seeded(lambda: transform(source, where, seed), seed, numpy=False)
     return transform_image(transform, decode_rgb(source), seed, where)

@@ -258,11 +258,19 @@ class TensorTrainTransform:
             raise NotImplementedError("the transform does not start with a random-resized crop")
         self.size: tuple[int, int] = tuple(self.steps[0][1].size)  # type: ignore[assignment]
         self.decode = "cpu"  # or "device": the loader ships JPEG bytes (see encode)
+        self._numpy = np.random.RandomState(0)  # reseeded per sample (plan)
 
     # -- drawing
-    def plan(self, width: int, height: int) -> Plan:
+    def plan(self, width: int, height: int, seed: int | None = None) -> Plan:
         """Draw one sample's parameters for a ``width`` × ``height`` source, in timm's order
-        (call it under :func:`kd.data.augment.seeded`)."""
+        (call it under :func:`kd.data.augment.seeded`). NumPy's draws (RandAugment's choice of
+        ops) come from this transform's own ``RandomState`` seeded with ``seed`` as ``seeded``
+        seeds NumPy's global one (the same numbers, without saving and restoring that global
+        state), or from the global one when ``seed`` is None."""
+        numpy: Any = np.random
+        if seed is not None:
+            numpy = self._numpy
+            numpy.seed(seed % 2**32)
         crop = self.steps[0][1]
         sized = torch.empty(1, 1, 1).expand(1, height, width)  # timm only asks for the size
         top, left, h, w = crop.get_params(sized, crop.scale, crop.ratio)
@@ -277,10 +285,12 @@ class TensorTrainTransform:
                 plan.jitter = step.get_params(step.brightness, step.contrast, step.saturation,
                                               step.hue)
             elif kind == "randaugment":
-                chosen = np.random.choice(step.ops, step.num_layers,
+                # The draw of np.random.choice(step.ops, ...), by index: no object array to
+                # build at every sample.
+                chosen = numpy.choice(len(step.ops), step.num_layers,
                                           replace=step.choice_weights is None,
                                           p=step.choice_weights)
-                plan.ops += [drawn for op in chosen if (drawn := self._draw_op(op))]
+                plan.ops += [drawn for i in chosen if (drawn := self._draw_op(step.ops[i]))]
             elif kind == "autoaugment":
                 plan.ops += [drawn for op in random.choice(step.policy)
                              if (drawn := self._draw_op(op))]
@@ -336,8 +346,8 @@ class TensorTrainTransform:
         return finish(image[:, top:top + h, left:left + w], plan)
 
     # -- in the loader, from the encoded image
-    def __call__(self, source: str | Path | bytes | BinaryIO, where: str = "an image"
-                 ) -> torch.Tensor | EncodedImage:
+    def __call__(self, source: str | Path | bytes | BinaryIO, where: str = "an image",
+                 seed: int | None = None) -> torch.Tensor | EncodedImage:
         """One training sample from ``source`` (a path, file or bytes; call it under
         :func:`kd.data.augment.seeded`).
 
@@ -349,25 +359,27 @@ class TensorTrainTransform:
         :class:`~kd.errors.AugmentationError` naming ``where``.
         """
         if self.decode == "device":
-            return self.encoded(source, where)
-        return self.decoded(source, where)
+            return self.encoded(source, where, seed)
+        return self.decoded(source, where, seed)
 
-    def encoded(self, source: str | Path | bytes | BinaryIO, where: str) -> EncodedImage:
+    def encoded(self, source: str | Path | bytes | BinaryIO, where: str,
+                seed: int | None = None) -> EncodedImage:
         """The sample's bytes and plan, for decoding on the device (see :meth:`__call__`)."""
         data = read_bytes(source)
         img = open_image(data)
-        plan = self.plan(*img.size)
+        plan = self.plan(*img.size, seed)
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
             return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), plan,
                                 where)
         return EncodedImage(crop_of(img.convert("RGB"), plan.box), plan, where)
 
-    def decoded(self, source: str | Path | bytes | BinaryIO, where: str) -> torch.Tensor:
+    def decoded(self, source: str | Path | bytes | BinaryIO, where: str,
+                seed: int | None = None) -> torch.Tensor:
         """The sample decoded and augmented here, on the CPU (see :meth:`__call__`)."""
         data = read_bytes(source)
         img = open_image(data)
         width, height = img.size
-        plan = self.plan(width, height)
+        plan = self.plan(width, height, seed)
         top, left, h, w = plan.box
         scale = dct_scale(h, w, self.size)
         if img.format == "JPEG" and img.mode in ("RGB", "L") and scale == 1:
@@ -513,7 +525,10 @@ def finish(crop: torch.Tensor, plan: Plan) -> torch.Tensor:
     size, flip, colour jitter, RandAugment / AutoAugment ops and erasing; a contiguous uint8
     (C, H, W) tensor."""
     mode = plan.interpolation
-    x = F.interpolate(crop[None], size=plan.size, mode=mode, antialias=mode != "nearest",
+    batch = crop[None]
+    if crop.device.type == "cpu":  # torch's uint8 antialiased resize is fastest channels-last
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    x = F.interpolate(batch, size=plan.size, mode=mode, antialias=mode != "nearest",
                       align_corners=None if mode == "nearest" else False)[0]
     if plan.flip:
         x = x.flip(-1)

@@ -147,7 +147,7 @@ INSTANCES: dict[str, InstanceSpec] = {i.key: i for i in (
 # ImageNet-like 500×375 JPEGs (about 70 KB), one core of a Xeon with AVX-512
 # (benchmarks/bench_input.py, README "Input pipeline"). "device": the loader's share with
 # data.decode=device (reading the bytes and drawing the plan).
-DEFAULT_CORE_RATES = {"cpu": 250.0, "device": 2500.0}
+DEFAULT_CORE_RATES = {"cpu": 390.0, "device": 3300.0}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from kd.data.augment import seeded
-from kd.data.datasets import build_image_transform, decode_rgb, transform_image
+from kd.data.datasets import build_image_transform, decode_rgb, load_image, transform_image
 from kd.data.tensor_transform import (
     GEOMETRIC_OPS,
     TENSOR_OPS,
@@ -134,9 +134,13 @@ def test_a_seed_fixes_the_image_and_seeds_differ(jpegs: list[bytes]) -> None:
     a, b = seeded(lambda: fast(jpegs[0]), 7), seeded(lambda: fast(jpegs[0]), 7)
     c = seeded(lambda: fast(jpegs[0]), 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    state = random.getstate(), torch.get_rng_state()
-    seeded(lambda: fast(jpegs[0]), 9)
+    state = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
+    # As datasets read it: NumPy's draws from the transform's own RandomState, seeded alike.
+    for seed in range(12):
+        assert torch.equal(load_image(fast, jpegs[1], seed, "x"),
+                           seeded(lambda: fast(jpegs[1]), seed))
     assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
+    assert np.array_equal(np.random.get_state()[1], state[2])  # the callers' streams untouched
 
 
 def test_large_crops_decode_at_a_reduced_jpeg_scale_with_the_same_result() -> None:
