@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +26,6 @@ from safetensors.torch import load_file
 from tests.conftest import TINY, run_kd
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """torch on one intra-op thread for this module (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def kd_cli(*args: str) -> subprocess.CompletedProcess:
@@ -140,3 +131,30 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)}/{len(a)} tensors differ, e.g. {differ[:3]}: max abs " \
         f"diff {max((a[k].float() - b[k].float()).abs().max().item() for k in differ):.3g}"
+
+
+def replayed_batches(teacher: str, tmp_path: Path, *overrides: str
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Epoch 0's student inputs as ``kd cache-teacher`` ran the teacher on them, and as a run
+    from that cache (``distill.teacher_cache``) sees them, batch by batch."""
+    from kd.core.dist import single_process
+    from kd.core.trainer import Trainer
+    from kd.tools.cache_builder import CacheBuilder, build_cache
+
+    cfg = tiny_config(teacher, tmp_path / "cfg", *overrides)
+    builder = CacheBuilder(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
+    written = [x for _, _, x in builder._batches(0)]
+    build_cache(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
+    trainer = Trainer(tiny_config(teacher, tmp_path / "run", *overrides, "train.epochs=1",
+                                  f"distill.teacher_cache={tmp_path / 'cache'}"))
+    seen: list[torch.Tensor] = []
+    prepare = trainer.task.prepare
+
+    def record(images: torch.Tensor) -> tuple:
+        out = prepare(images)
+        seen.append(out[0].clone())
+        return out
+
+    trainer.task.prepare = record  # type: ignore[method-assign]
+    trainer.train(evaluate=False, save=False)
+    return written, seen

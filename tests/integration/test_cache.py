@@ -15,11 +15,12 @@ import torch
 from kd.core.dist import single_process
 from kd.core.teacher_cache import shard_name
 from kd.core.trainer import Trainer
-from kd.tools.cache_builder import CacheBuilder, build_cache
+from kd.tools.cache_builder import build_cache
 from tests.conftest import TINY
 from tests.integration.conftest import (
     assert_one_line_user_error,
     kd_cli,
+    replayed_batches,
     tiny_config,
     train_tiny,
 )
@@ -93,22 +94,7 @@ def test_replayed_images_equal_the_images_the_teacher_saw(tiny_teacher: str,
                                                           tmp_path: Path) -> None:
     """The student's augmented, mixed batches in a cached run are bit-identical to the batches
     the cache builder ran the teacher on (tiny.yaml: same normalisation for both models)."""
-    cfg = tiny_config(tiny_teacher, tmp_path / "cfg", *MIX)
-    builder = CacheBuilder(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
-    written = [x for _, _, x in builder._batches(0)]
-    build_cache(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
-    trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "run", *MIX, "train.epochs=1",
-                                  f"distill.teacher_cache={tmp_path / 'cache'}"))
-    seen: list[torch.Tensor] = []
-    prepare = trainer.task.prepare
-
-    def record(images: torch.Tensor) -> tuple:
-        out = prepare(images)
-        seen.append(out[0].clone())
-        return out
-
-    trainer.task.prepare = record  # type: ignore[method-assign]
-    trainer.train(evaluate=False, save=False)
+    written, seen = replayed_batches(tiny_teacher, tmp_path, *MIX)
     assert len(seen) == len(written) == 8
     for b, (x, y) in enumerate(zip(written, seen, strict=True)):
         assert torch.equal(x, y), f"batch {b} differs"

@@ -11,13 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.core.dist import single_process
 from kd.core.trainer import Trainer
-from kd.tools.cache_builder import CacheBuilder, build_cache
 from tests.integration.conftest import (
     Run,
     assert_same_weights,
     read_jsonl,
+    replayed_batches,
     tiny_config,
     train_tiny,
 )
@@ -72,22 +71,7 @@ def test_the_cache_replays_the_images_the_teacher_saw(tiny_teacher: str, jpeg_ro
                                                       tmp_path: Path, decode: str) -> None:
     """A cache records the plans' seeds; a cached run's decoded, augmented batches are
     bit-identical to the ones the teacher was run on."""
-    cfg = tiny_config(tiny_teacher, tmp_path / "cfg", *folder_args(jpeg_root, decode))
-    builder = CacheBuilder(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
-    written = [x for _, _, x in builder._batches(0)]
-    build_cache(cfg, single_process(cfg.train.device), 1, 4, tmp_path / "cache")
-    trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "run", *folder_args(jpeg_root, decode),
-                                  "train.epochs=1", f"distill.teacher_cache={tmp_path / 'cache'}"))
-    seen: list[torch.Tensor] = []
-    prepare = trainer.task.prepare
-
-    def record(images: torch.Tensor) -> tuple:
-        out = prepare(images)
-        seen.append(out[0].clone())
-        return out
-
-    trainer.task.prepare = record  # type: ignore[method-assign]
-    trainer.train(evaluate=False, save=False)
+    written, seen = replayed_batches(tiny_teacher, tmp_path, *folder_args(jpeg_root, decode))
     assert len(seen) == len(written) == 4
     for b, (x, y) in enumerate(zip(written, seen, strict=True)):
         assert torch.equal(x, y), f"batch {b} differs"

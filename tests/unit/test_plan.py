@@ -4,7 +4,6 @@ activation memory against an independent measurement (saved tensors) at a batch 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,12 +41,7 @@ SMALL = ["data.image_size=32", "data.num_classes=10", "student.kwargs.img_size=3
          "teacher.kwargs.img_size=32", "teacher.kwargs.patch_size=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ arithmetic
