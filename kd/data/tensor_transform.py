@@ -11,14 +11,17 @@ works in two stages:
    order timm's own steps draw them. Under :func:`kd.data.augment.seeded` the plan is therefore
    the one timm would have drawn for that seed (tested against timm), and it needs only the
    source image's size, not its pixels.
-2. :meth:`TensorTrainTransform.apply` runs the plan on a uint8 (C, H, W) tensor on any device:
-   crop and antialiased resize (``F.interpolate``), flips, affine ops by ``grid_sample`` with
-   PIL's pixel-centre convention and fill colour, and the colour ops with PIL's formulas.
+2. :func:`apply` runs the plan on a uint8 (C, H, W) tensor on any device: crop and antialiased
+   resize (``F.interpolate``), flips, affine ops by ``affine_grid`` / ``grid_sample`` with PIL's
+   pixel-centre convention and fill colour, and the colour ops with PIL's formulas.
 
 On the CPU (:meth:`TensorTrainTransform.__call__`) the JPEG is decoded at a reduced scale when the
 crop allows it (libjpeg's DCT scaling through PIL's ``draft``: the crop must still have at least
-the output's side at that scale, so no pixel is upsampled that would not have been), and the
-image stays uint8 from the decoder to the loader's batch.
+the output's side at that scale, so no pixel is upsampled that would not have been), otherwise
+by torchvision's libjpeg-turbo call, and the image stays uint8 from the decoder to the loader's
+batch. With ``data.decode: device`` the loader ships the JPEG's bytes and the plan
+(:class:`EncodedImage`) and the training process decodes and augments on its device
+(:meth:`EncodedBatch.decode`).
 
 Pixels differ from timm's PIL output only by resampling and rounding details (a mean absolute
 difference of about one grey level, tested per op); the distribution of every parameter is
@@ -288,8 +291,8 @@ class TensorTrainTransform:
                 # The draw of np.random.choice(step.ops, ...), by index: no object array to
                 # build at every sample.
                 chosen = numpy.choice(len(step.ops), step.num_layers,
-                                          replace=step.choice_weights is None,
-                                          p=step.choice_weights)
+                                      replace=step.choice_weights is None,
+                                      p=step.choice_weights)
                 plan.ops += [drawn for i in chosen if (drawn := self._draw_op(step.ops[i]))]
             elif kind == "autoaugment":
                 plan.ops += [drawn for op in random.choice(step.policy)
@@ -338,12 +341,6 @@ class TensorTrainTransform:
                     rects.append((top, left, torch.empty((3, h, w)).normal_()))
                     break
         return rects
-
-    # -- applying
-    def apply(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Run ``plan`` on a uint8 (C, H, W) image of the planned source size, on its device."""
-        top, left, h, w = plan.box
-        return finish(image[:, top:top + h, left:left + w], plan)
 
     # -- in the loader, from the encoded image
     def __call__(self, source: str | Path | bytes | BinaryIO, where: str = "an image",
@@ -461,11 +458,9 @@ class EncodedBatch:
         out = []
         for i, image in enumerate(self.images):
             if i in decoded:
-                top, left, h, w = image.plan.box
-                crop = decoded[i][:, top:top + h, left:left + w]
-            else:
-                crop = image.data.to(device, non_blocking=True)
-            out.append(finish(crop, image.plan))
+                out.append(apply(decoded[i], image.plan))
+            else:  # cropped in the loader
+                out.append(finish(image.data.to(device, non_blocking=True), image.plan))
         return torch.stack(out)
 
 
@@ -518,6 +513,12 @@ class _Augment:
 
     def __call__(self, crop: torch.Tensor) -> torch.Tensor:
         return finish(crop, self.plan)
+
+
+def apply(image: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Run ``plan`` on a uint8 (C, H, W) image of the planned source size, on its device."""
+    top, left, h, w = plan.box
+    return finish(image[:, top:top + h, left:left + w], plan)
 
 
 def finish(crop: torch.Tensor, plan: Plan) -> torch.Tensor:
