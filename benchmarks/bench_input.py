@@ -28,8 +28,9 @@ every image counts its fastest round, which removes most of a shared machine's n
 Without ``--data`` it generates ImageNet-like JPEGs: 500×375 px, quality 90, about 70 KB, smooth
 shapes plus fine texture (pure-noise JPEGs decode unlike photographs).
 
-    python benchmarks/bench_input.py [--data DIR] [--images 200] [--rounds 5]
-                                     [--image-size 224] [--max-side 320] [--recipe deit|rrc]
+    python benchmarks/bench_input.py [-c CONFIG [key=value ...]] [--data DIR] [--images 200]
+                                     [--rounds 5] [--max-side 320]
+                                     [--image-size 224] [--recipe deit|rrc]  (without a config)
 """
 
 from __future__ import annotations
@@ -174,15 +175,32 @@ def table(times: dict[str, np.ndarray], reference: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", help="a kd config: its data.* recipe and image size, "
+                        "and its imagefolder's training JPEGs (data.root/train) unless --data")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, as for kd train")
     parser.add_argument("--data", type=Path, help="a folder of JPEGs (searched recursively); "
-                        "default: generated ImageNet-like JPEGs")
+                        "default: the config's, or generated ImageNet-like JPEGs")
     parser.add_argument("--images", type=int, default=200, help="images (each round)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="deit")
+    parser.add_argument("--image-size", type=int, default=224, help="without a config")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="deit",
+                        help="without a config")
     parser.add_argument("--max-side", type=int, default=320,
                         help="also measure images resized to this longer side (0: do not)")
     args = parser.parse_args(argv)
+
+    recipe, recipe_name, size = RECIPES[args.recipe], args.recipe, args.image_size
+    if args.config or args.overrides:
+        from kd.config import load_config
+        from kd.data.datasets import train_transform_kwargs
+
+        cfg = load_config(args.config, args.overrides)
+        recipe = {k: v for k, v in train_transform_kwargs(cfg.data).items()
+                  if k not in ("pipeline", "decode")}
+        recipe_name, size = f"of {args.config or 'the default config'}", cfg.data.image_size
+        if args.data is None and cfg.data.name == "imagefolder" and cfg.data.root:
+            args.data = Path(cfg.data.root) / "train"
 
     torch.set_num_threads(1)  # one core, as a loader worker has
     t = time.perf_counter()
@@ -202,14 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             = small
     print(f"prepared in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
-    fns = pipelines(args.image_size, RECIPES[args.recipe])
+    fns = pipelines(size, recipe)
     results = measure(sets, fns, args.rounds)
     reference = f"timm (reference) | {next(iter(sets))}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     mean_w = sum(w for w, _ in sizes) / len(sizes)
     mean_h = sum(h for _, h in sizes) / len(sizes)
     print(f"input pipeline, one core: {source} (mean {mean_w:.0f}×{mean_h:.0f} px) → "
-          f"{args.image_size} px, recipe {args.recipe} ({RECIPES[args.recipe]}); "
+          f"{size} px, recipe {recipe_name} ({recipe}); "
           f"{args.rounds} alternating rounds of {len(images)} images")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}; load average {load:.1f} when done\n")
