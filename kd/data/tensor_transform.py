@@ -97,37 +97,43 @@ def rotation_matrix(degrees: float, w: int, h: int) -> tuple[float, ...]:
     return (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
 
 
+def _lookup(image: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-channel lookup tables ``table`` (C, 256) applied to a uint8 (C, H, W) image."""
+    c = image.shape[0]
+    return torch.gather(table, 1, image.reshape(c, -1).long()).reshape(image.shape)
+
+
 def _autocontrast(image: torch.Tensor, *_: Any) -> torch.Tensor:
-    """PIL's ``ImageOps.autocontrast``: per channel a lookup table ``int(x · scale + offset)``
-    (Python floats, as PIL builds it) stretching [lo, hi] to [0, 255]; a constant channel stays
-    as it is."""
-    lows, highs = image.amin(dim=(1, 2)).tolist(), image.amax(dim=(1, 2)).tolist()
-    out = []
-    for channel, lo, hi in zip(image, lows, highs, strict=True):
-        if hi <= lo:
-            out.append(channel)
-            continue
-        scale = 255.0 / (hi - lo)
-        offset = -lo * scale
-        lut = [min(255, max(0, int(i * scale + offset))) for i in range(256)]
-        table = torch.tensor(lut, dtype=torch.uint8, device=image.device)
-        out.append(table[channel.long()])
-    return torch.stack(out)
+    """PIL's ``ImageOps.autocontrast``: per channel the table ``int(x · scale + offset)`` in
+    double precision, stretching [lo, hi] to [0, 255]; a constant channel stays as it is. No
+    value is read back to the host (on a GPU nothing synchronises)."""
+    flat_image = image.reshape(image.shape[0], -1)
+    lo, hi = flat_image.amin(1).double(), flat_image.amax(1).double()
+    flat = hi <= lo
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+    scale = torch.full_like(span, 255.0) / span  # tensor by tensor: IEEE division, as PIL's
+    offset = -lo * scale
+    levels = torch.arange(256, dtype=torch.float64, device=image.device)
+    table = (levels[None] * scale[:, None] + offset[:, None]).floor_().clamp_(0, 255)
+    table = torch.where(flat[:, None], levels[None], table)
+    return _lookup(image, table.to(torch.uint8))
 
 
 def _equalize(image: torch.Tensor, *_: Any) -> torch.Tensor:
-    """PIL's ``ImageOps.equalize``: per channel, a lookup table from the histogram."""
-    out = []
-    for channel in image:
-        hist = torch.bincount(channel.reshape(-1).long(), minlength=256)
-        nonzero = hist[hist > 0]
-        step = int((nonzero.sum() - nonzero[-1]) // 255) if len(nonzero) else 0
-        if step == 0:
-            out.append(channel)
-            continue
-        lut = (torch.cumsum(hist, 0) - hist + step // 2) // step
-        out.append(lut.clamp_(0, 255).to(torch.uint8)[channel.long()])
-    return torch.stack(out)
+    """PIL's ``ImageOps.equalize``: per channel the table ``(step // 2 + pixels below) //
+    step`` with ``step`` = (pixels − those of the last level present) // 255; a channel with
+    one level, or too few pixels, stays as it is. No value is read back to the host."""
+    c = image.shape[0]
+    values = image.reshape(c, -1).long()
+    hist = torch.zeros(c, 256, dtype=torch.long, device=image.device)
+    hist.scatter_add_(1, values, torch.ones_like(values))
+    levels = torch.arange(256, device=image.device)
+    last = torch.where(hist > 0, levels, -1).amax(1)  # the highest level present
+    step = (hist.sum(1) - hist.gather(1, last.clamp(min=0)[:, None])[:, 0]) // 255
+    safe = step.clamp(min=1)[:, None]
+    table = (hist.cumsum(1) - hist + safe // 2) // safe
+    table = torch.where((step > 0)[:, None], table.clamp_(0, 255), levels[None])
+    return _lookup(image, table.to(torch.uint8))
 
 
 def _posterize(image: torch.Tensor, bits: int, *_: Any) -> torch.Tensor:
@@ -151,8 +157,10 @@ def _colour(image: torch.Tensor, factor: float, *_: Any) -> torch.Tensor:
 
 
 def _contrast(image: torch.Tensor, factor: float, *_: Any) -> torch.Tensor:
-    mean = int(_grey(image).float().mean().item() + 0.5)
-    return _blend(torch.full_like(image, mean), image, factor)
+    """PIL's ``ImageEnhance.Contrast``: a blend with the grey image's mean level, rounded
+    (kept on the device)."""
+    mean = (_grey(image).double().mean() + 0.5).floor()
+    return _blend(mean.float().expand_as(image), image, factor)
 
 
 def _brightness(image: torch.Tensor, factor: float, *_: Any) -> torch.Tensor:

@@ -229,3 +229,41 @@ def test_device_decoding_takes_pngs_and_names_what_it_cannot_decode(jpegs: list[
     bad = seeded(lambda: fast(truncated, "broken.jpg"), 3)
     with pytest.raises(DataError, match=r"broken\.jpg.*data\.decode=cpu"):
         EncodedBatch([good, bad]).decode(torch.device("cpu"))
+
+
+def test_the_device_path_reads_nothing_back_to_the_host(jpegs: list[bytes]) -> None:
+    """Every tensor op, and a whole plan, runs on the meta device, where reading a value back to
+    the host (``.item()``, ``.tolist()``, a data-dependent shape) raises: on a GPU the
+    augmentation never synchronises."""
+    from kd.data.tensor_transform import apply
+
+    image = torch.empty(3, 60, 80, dtype=torch.uint8, device="meta")
+    for name, fn in TENSOR_OPS.items():
+        args = (0.3, (124, 116, 104), "bilinear") if name in GEOMETRIC_OPS else (
+            () if name in ("AutoContrast", "Equalize", "Invert") else
+            (3,) if "Posterize" in name else (1.5,))
+        assert fn(image, *args).shape == image.shape, name
+    _, fast = transforms(re_prob=1.0)
+    for seed in range(20):  # plans with every kind of op, flips and erasing
+        plan = seeded(lambda: fast.plan(80, 60), seed)
+        assert apply(image, plan).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["AutoContrast", "Equalize", "ContrastIncreasing"])
+def test_statistics_ops_match_pil_on_hard_images(name: str) -> None:
+    """The ops that read image statistics, on a low-contrast image, one with a constant channel
+    and one with two levels: bit-exact with PIL's."""
+    from timm.data.auto_augment import AugmentOp
+
+    rng = np.random.default_rng(1)
+    low = rng.integers(100, 140, (30, 40, 3), dtype=np.uint8)
+    constant = low.copy()
+    constant[..., 1] = 77
+    two_levels = np.where(rng.random((30, 40, 3)) < 0.5, 10, 200).astype(np.uint8)
+    op = AugmentOp(name, prob=1.0, magnitude=7, hparams={"img_mean": (124, 116, 104)})
+    for pixels in (low, constant, two_levels):
+        image = Image.fromarray(pixels)
+        args = op.level_fn(7.0, op.hparams) if op.level_fn else ()
+        expected = torch.from_numpy(np.array(op.aug_fn(image, *args))).permute(2, 0, 1)
+        got = TENSOR_OPS[name](torch.from_numpy(pixels).permute(2, 0, 1), *args)
+        assert torch.equal(expected, got)
