@@ -241,30 +241,13 @@ class TensorTrainTransform:
     """
 
     def __init__(self, timm_transform: Any) -> None:
-        from timm.data.auto_augment import AutoAugment, RandAugment
-        from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
-        from torchvision import transforms as T
-
-        self.timm_transform = timm_transform
         self.steps: list[tuple[str, Any]] = []
         for step in transform_steps(timm_transform):
-            if isinstance(step, RandomResizedCropAndInterpolation):
-                kind = "crop"
-            elif isinstance(step, T.RandomHorizontalFlip):
-                kind = "hflip"
-            elif isinstance(step, T.ColorJitter):
-                kind = "jitter"
-            elif isinstance(step, RandAugment):
-                kind = "randaugment"
-            elif isinstance(step, AutoAugment):
-                kind = "autoaugment"
-            elif isinstance(step, MaybePILToTensor):
-                continue  # tensors already
-            elif isinstance(step, PixelErasing):
-                kind = "erase"
-            else:
+            kind = step_kind(step)
+            if kind is None:
                 raise NotImplementedError(f"no tensor form of {type(step).__name__}")
-            self.steps.append((kind, step))
+            if kind:  # "": the image is a tensor already
+                self.steps.append((kind, step))
         if not self.steps or self.steps[0][0] != "crop":
             raise NotImplementedError("the transform does not start with a random-resized crop")
         self.size: tuple[int, int] = tuple(self.steps[0][1].size)  # type: ignore[assignment]
@@ -623,16 +606,24 @@ def _from_pil(img: Any, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device)
 
 
-def unsupported_steps(timm_transform: Any) -> str:
-    """The steps of ``timm_transform`` kd has no tensor form of, by class name."""
+def step_kind(step: Any) -> str | None:
+    """What the tensor form does for a step of timm's training transform: ``crop``, ``hflip``,
+    ``jitter``, ``randaugment``, ``autoaugment``, ``erase``, ``""`` (nothing: the image is a
+    tensor already) or None (the step has no tensor form)."""
     from timm.data.auto_augment import AutoAugment, RandAugment
     from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
     from torchvision import transforms as T
 
-    known = (RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, T.ColorJitter,
-             RandAugment, AutoAugment, MaybePILToTensor, PixelErasing)
+    kinds = ((RandomResizedCropAndInterpolation, "crop"), (T.RandomHorizontalFlip, "hflip"),
+             (T.ColorJitter, "jitter"), (RandAugment, "randaugment"),
+             (AutoAugment, "autoaugment"), (MaybePILToTensor, ""), (PixelErasing, "erase"))
+    return next((kind for cls, kind in kinds if isinstance(step, cls)), None)
+
+
+def unsupported_steps(timm_transform: Any) -> str:
+    """The steps of ``timm_transform`` kd has no tensor form of, by class name."""
     return ", ".join(type(step).__name__ for step in transform_steps(timm_transform)
-                     if not isinstance(step, known)) or "its first step"
+                     if step_kind(step) is None) or "its first step"
 
 
 def tensor_transform(timm_transform: Any) -> TensorTrainTransform | None:
