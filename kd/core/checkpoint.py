@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -83,20 +83,37 @@ def _write_file(path: Path, write: Callable[[Path], None]) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new content, never half."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any],
+                 temporary: Path | None = None) -> Any:
+    """Replace ``path`` with what ``write(file)`` writes, so readers see the old or the new
+    content, never half: a temporary file beside it, flushed, fsynced and renamed into place
+    (removed on any failure). Returns what ``write`` returned.
+
+    ``temporary``: the name to write under, for callers that clear what an interrupted run
+    left (``kd prepare-data``); default a unique hidden name beside ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
+    if temporary is None:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files; keep the usual mode
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp, file = Path(name), os.fdopen(fd, "wb")
+    else:
+        tmp, file = temporary, open(temporary, "wb")  # noqa: SIM115 (closed below)
+    try:
+        with file:
+            result = write(file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return result
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -75,7 +75,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 import time
@@ -85,7 +84,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kd.config import DataConfig
-from kd.core.checkpoint import fsync_dir, sha256_file
+from kd.core.checkpoint import atomic_write, fsync_dir, sha256_file
 from kd.data.build import build_dataset, source_kwargs
 from kd.data.datasets import SAMPLE_ERRORS, ImageFolderDataset, decode_rgb
 from kd.data.hf import HFDiskDataset
@@ -294,19 +293,9 @@ class TarWriter:
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> Any:
-    """Write ``path`` through ``write(file)`` under a temporary name, fsync, rename into place;
-    returns what ``write`` returned. On any failure the temporary file is removed."""
-    tmp = path.with_name(f".{path.name}{PARTIAL}")
-    try:
-        with open(tmp, "wb") as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return result
+    """:func:`kd.core.checkpoint.atomic_write` under the temporary name ``.<name>.partial``
+    (which a rerun removes, see :func:`remove_leftovers`)."""
+    return atomic_write(path, write, temporary=path.with_name(f".{path.name}{PARTIAL}"))
 
 
 def json_bytes(obj: Any) -> bytes:
