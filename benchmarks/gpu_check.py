@@ -75,10 +75,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling bench_input
+
+from bench_input import photo_jpeg
 
 import kd
 from kd.cli import main as kd_main
@@ -666,24 +668,6 @@ def recorded_nvtx() -> Iterator[list[str]]:
 
 
 # ------------------------------------------------------------------------------ generated JPEGs
-# Octaves of smooth random colour (grid cells across the width, amplitude in grey levels): large
-# shapes to fine texture, so that JPEGs compress and decode like photographs, not like noise.
-PHOTO_OCTAVES = ((4, 90.0), (16, 50.0), (64, 30.0), (250, 28.0))
-PHOTO_GRAIN = 4.0  # standard deviation of per-pixel noise, grey levels
-
-
-def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
-    """A photo-like RGB image: bicubic-upsampled random grids at several scales, plus grain."""
-    canvas = np.full((height, width, 3), 128.0, dtype=np.float32)
-    for cells, amplitude in PHOTO_OCTAVES:
-        grid = rng.integers(0, 256, (max(2, cells * height // width), cells, 3), dtype=np.uint8)
-        layer = np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC),
-                           dtype=np.float32)
-        canvas += (layer - 128.0) * (amplitude / 128.0)
-    canvas += rng.normal(0.0, PHOTO_GRAIN, canvas.shape)
-    return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-
-
 def write_image_folder(root: Path, classes: int, train_per_class: int, val_per_class: int,
                        unique: int = 64, width: int = 500, height: int = 375,
                        seed: int = 0) -> dict[str, Any]:
@@ -695,9 +679,7 @@ def write_image_folder(root: Path, classes: int, train_per_class: int, val_per_c
     rng = np.random.default_rng(seed)
     encoded = []
     for _ in range(max(1, min(unique, classes * (train_per_class + val_per_class)))):
-        buffer = io.BytesIO()
-        photo_like(rng, width, height).save(buffer, format="JPEG", quality=90)
-        encoded.append(buffer.getvalue())
+        encoded.append(photo_jpeg(rng, width, height))  # as benchmarks/bench_input.py
     files = itertools.cycle(encoded)
     counts = {"train": classes * train_per_class, "val": classes * val_per_class}
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
