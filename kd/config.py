@@ -404,11 +404,14 @@ class KDConfig:
 
 FEATURE_LOSSES = ("cosine", "mse", "smooth_l1")
 FEATURE_TOKENS = ("all", "prefix", "patch", "pooled")
+# The datasets of encoded images (files, shards, Hugging Face rows): the ones timm's transform,
+# data.decode=device and kd prepare-data apply to.
+IMAGE_DATASETS = ("imagefolder", "wds", "hf")
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
                            "max-autotune-no-cudagraphs"),
-    "data.name": ("digits", "synthetic", "imagefolder", "wds", "hf"),
+    "data.name": ("digits", "synthetic", *IMAGE_DATASETS),
     "data.on_error": ("skip", "fail"),
     "data.mixup_mode": ("batch", "pair", "elem"),
     "data.pipeline": ("kd", "timm"),
@@ -803,7 +806,7 @@ def _validate_data(d: DataConfig) -> None:
            "repeats images of an indexed training split; set data.stream=false")
     _check(d.decode == "cpu" or d.pipeline == "kd", "data.decode", d.decode,
            "device decoding runs kd's tensor transform: set data.pipeline=kd")
-    _check(d.decode == "cpu" or d.name in ("imagefolder", "wds", "hf"), "data.decode",
+    _check(d.decode == "cpu" or d.name in IMAGE_DATASETS, "data.decode",
            d.decode, f"{d.name} has no encoded images to decode: set data.decode=cpu")
     _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer,
            "must be > 0 (1: no shuffling within a reader)")

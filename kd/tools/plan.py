@@ -45,7 +45,14 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd.config import KDConfig, OptimConfig, derive, teacher_key, teacher_sections
+from kd.config import (
+    IMAGE_DATASETS,
+    KDConfig,
+    OptimConfig,
+    derive,
+    teacher_key,
+    teacher_sections,
+)
 from kd.core.features import FeatureDistiller, FeatureStudent
 from kd.core.models import (
     FrozenTeacher,
@@ -472,7 +479,7 @@ def measure_input_rates(cfg: KDConfig, samples: int = 32) -> InputRates:
         data = RunData(cfg.data, cfg.student.channels, cfg.seed)
         cpu = pipeline_rate(data.train_set, samples, cfg.seed)
         device = None
-        if cfg.data.name in ("imagefolder", "wds", "hf") and cfg.data.pipeline == "kd":
+        if cfg.data.name in IMAGE_DATASETS and cfg.data.pipeline == "kd":
             variant = derive(cfg, {"data.decode": "device"}, "kd plan (data.decode=device)")
             device_data = RunData(variant.data, cfg.student.channels, cfg.seed)
             device = pipeline_rate(device_data.train_set, samples, cfg.seed)

@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kd.config import DataConfig
+from kd.config import IMAGE_DATASETS, DataConfig
 from kd.core.checkpoint import atomic_write, fsync_dir, sha256_file
 from kd.data.build import build_dataset, source_kwargs
 from kd.data.datasets import SAMPLE_ERRORS, ImageFolderDataset, decode_rgb
@@ -95,7 +95,6 @@ from kd.units import format_bytes
 log = logging.getLogger("kd")
 
 SPLITS = ("train", "val")
-SOURCES = ("imagefolder", "wds", "hf")
 MIN_SIDE = 32
 PARTIAL = ".partial"  # temporary files are .<final name>.partial
 REPORT_FILE = "prepare.json"
@@ -155,7 +154,7 @@ class Source:
 
 def open_source(cfg: DataConfig, split: str) -> Source:
     """The encoded images of one split of the dataset ``cfg`` describes (not augmented)."""
-    if cfg.name not in SOURCES:
+    if cfg.name not in IMAGE_DATASETS:
         raise UserError(f"data.name={cfg.name}: kd prepare-data converts image files; give "
                         f"data.name imagefolder, wds or hf")
     ds = build_dataset(cfg.name, split, root=cfg.root, image_size=cfg.image_size,

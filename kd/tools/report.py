@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kd.config import IMAGE_DATASETS
 from kd.units import format_bytes, format_duration, format_flops, format_percent
 
 DATA_WAIT_THRESHOLD = 0.10  # share of step time spent waiting for the loader
@@ -354,7 +355,7 @@ def recommend(f: Facts) -> list[Recommendation]:
                    if f.workers_cpu_share is not None else "")
         advice = [f"feed the models faster: raise data.num_workers (now {f.num_workers}) while "
                   f"CPUs have headroom"]
-        if f.dataset in ("imagefolder", "wds", "hf"):
+        if f.dataset in IMAGE_DATASETS:
             if f.decode == "cpu":
                 advice.append("set data.decode=device: the loader then only reads each JPEG and "
                               "draws its augmentation, and the training process decodes "
